@@ -1,0 +1,120 @@
+"""Shared benchmark plumbing: machine description, timing, FLOP counts, tables and JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# bf16 dense peak used for MFU (H100 SXM, as in docs/wan21_reference.md).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def machine_info() -> dict:
+    """CPU model and cores, or GPU name, plus torch version: recorded with every figure."""
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def peak_tflops() -> float | None:
+    """Dense bf16 peak of the current GPU, if known (for MFU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 1, repeat: int = 3) -> float:
+    """Median wall time of `fn` in seconds after warm-up (synchronising CUDA around each call)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def wan_forward_flops(dim: int, ffn_dim: int, num_layers: int, tokens: int, text_len: int, text_dim: int) -> float:
+    """Matmul FLOPs of one Wan DiT forward (docs/wan21_reference.md): linears + self/cross attention."""
+    n, d, f, layers, lt = tokens, dim, ffn_dim, num_layers, text_len
+    per_block = (
+        2 * n * 4 * d * d  # self-attn q, k, v, o
+        + 4 * n * n * d  # self-attn scores and weighted sum
+        + 2 * n * 2 * d * d  # cross-attn q, o
+        + 2 * lt * 2 * d * d  # cross-attn k, v on the text
+        + 4 * n * lt * d  # cross-attn scores and weighted sum
+        + 2 * n * 2 * d * f  # ffn
+    )
+    embed = 2 * lt * (text_dim * d + d * d)
+    return layers * per_block + embed
+
+
+def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    """A plain fixed-width table on stdout."""
+    print(f"\n## {title}")
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """Write results JSON (with machine info and command line) atomically; return the path."""
+    out_dir = out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine_info(), "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    return path
