@@ -1,0 +1,415 @@
+"""The run config: one TOML file as nested dataclasses, checked at load, with `--section.key=value` overrides.
+
+Every key has a type, a default and a one-line help (the field metadata); `docs/TRAINING.md` lists
+them (`python -m training.config` prints the table). Unknown keys, wrong types and values outside a
+key's choices are reported by their dotted name, with the allowed keys/values, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+STAGES = ("teacher", "cd", "apt")
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field: default, help text (docs) and optional allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: list(d) if isinstance(d, list) else dict(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunSection:
+    """What to run and where its files go."""
+
+    stage: str = opt("teacher", "training stage", STAGES)
+    dir: str = opt("runs/default", "run directory: config.toml, checkpoints/, metrics.jsonl, samples/, export/")
+    seed: int = opt(0, "base seed: model init, data order and per-sample noise (seed, step, global sample index)")
+    steps: int = opt(100, "optimiser steps for the teacher / cd stages (apt uses apt.image.steps + apt.video.steps)")
+    device: str = opt("auto", "auto = cuda if available (one GPU per local rank), else cpu", ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class ModelSection:
+    """The Wan DiT being trained."""
+
+    preset: str = opt("tiny", "apt_core.models.wan preset (tiny, small, wan2.1-t2v-1.3b, ...) for models built from scratch")
+    init_from: str = opt("", "safetensors in Wan keys (ComfyUI prefixes ok): the ORIGINAL diffusion weights; '' = seeded init")
+    in_dim: int = opt(0, "override the preset's latent channels (3 for pixel models); 0 = preset's")
+    lora_rank: int = opt(0, "train LoRA adapters of this rank on the generator instead of all weights; 0 = full fine-tune")
+    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = rank")
+
+
+@dataclass
+class DataSection:
+    """Shards written by apt_core.shards.ShardWriter."""
+
+    path: str = opt("", "shard directory (teacher / cd, and apt phases without their own `data`)")
+    micro_batch: int = opt(1, "samples per rank per forward/backward")
+    grad_accum: int = opt(1, "micro batches per optimiser step; global batch = micro_batch * grad_accum * world size")
+    shuffle: bool = opt(True, "shuffle every epoch (seeded by run.seed)")
+
+
+@dataclass
+class ParallelSection:
+    """How the model is spread over processes (training/parallelize.py)."""
+
+    strategy: str = opt("fsdp", "fsdp = FSDP2 fully_shard per block then root; ddp; none (single process only)", ("fsdp", "ddp", "none"))
+    mixed_precision: str = opt("auto", "auto = bf16 params + fp32 reduce on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
+    activation_checkpointing: bool = opt(False, "recompute each transformer block in backward (saves activation memory)")
+    compile: bool = opt(False, "torch.compile each transformer block")
+    backend: str = opt("auto", "process-group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class TeacherSection:
+    """Plain flow-matching training: loss MSE(v(x_t, t), eps - x0)."""
+
+    lr: float = opt(1e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    grad_clip: float = opt(1.0, "max global gradient norm; 0 = off")
+    timesteps: str = opt("logit_normal", "training-time sampler", ("logit_normal", "shifted", "uniform"))
+    shift: float = opt(1.0, "timestep shift s applied to the sampled t (shift(t, s) = s t / (1 + (s - 1) t))")
+    logit_mean: float = opt(0.0, "logit-normal mean")
+    logit_std: float = opt(1.0, "logit-normal std")
+    ema_decay: float = opt(0.0, "EMA decay of the trained weights; 0 = no EMA (export the raw weights)")
+
+
+@dataclass
+class CDSection:
+    """Consistency distillation of the (frozen) diffusion model into a one-step student (apt_core.trainer.CDTrainer)."""
+
+    lr: float = opt(1e-5, "student learning rate (AAPT: AdamW 1e-5, wd 0.01)")
+    weight_decay: float = opt(0.01, "AdamW weight decay")
+    grid_steps: int = opt(32, "consistency grid size N")
+    grid_shift: float = opt(1.0, "grid shift s (AAPT: uniform, then 24)")
+    cfg_scale: float = opt(1.0, "teacher CFG scale (APT: 7.5 with a negative prompt; 1 = off)")
+    negative_embedding: str = opt("", "safetensors with `context` [L, D]: the negative-prompt embedding for CFG; '' = zeros")
+    teacher_from: str = opt("", "teacher weights (safetensors); '' = model.init_from")
+    ema_decay: float = opt(0.0, "EMA of the student; 0 = none (AAPT uses none)")
+
+
+@dataclass
+class APTPhase:
+    """One APT phase (images, then video): G from the previous phase's EMA, D fresh from the diffusion weights."""
+
+    steps: int = opt(0, "G updates in this phase (D and G alternate 1:1); 0 = skip the phase")
+    lr: float = opt(0.0, "G and D learning rate; 0 = apt.lr")
+    lr_d: float = opt(0.0, "D learning rate if different from G's; 0 = same as lr")
+    r1_sigma: float = opt(0.01, "approximated-R1 perturbation std (paper: 0.01 images, 0.1 video)")
+    d_timestep_shift: float = opt(1.0, "D timestep ensemble t ~ shift(U(0,1), s) (paper: 1 images, 12 video)")
+    data: str = opt("", "shard directory for this phase; '' = data.path")
+    micro_batch: int = opt(0, "samples per rank per micro step; 0 = data.micro_batch")
+    grad_accum: int = opt(0, "micro batches per step; 0 = data.grad_accum")
+
+
+@dataclass
+class APTSection:
+    """Adversarial post-training (apt_core.trainer.APTTrainer)."""
+
+    lr: float = opt(5e-6, "G and D learning rate for phases that set lr = 0 (paper: 5e-6 images)")
+    generator_init: str = opt("", "G init: the CD stage's export (safetensors, Wan keys); '' = model.init_from")
+    loss: str = opt("nonsaturating", "GAN loss (relativistic = AAPT/SeedVR2 pairing with R1 and R2)", ("nonsaturating", "relativistic"))
+    r1_lambda: float = opt(100.0, "approximated-R1 weight (paper 100; AAPT relativistic 1000)")
+    ema_decay: float = opt(0.995, "EMA decay of G (the EMA is what gets exported)")
+    disc_mode: str = opt("full", "D backbone: full (paper), lora adapters, or frozen (heads only)", ("full", "lora", "frozen"))
+    disc_lora_rank: int = opt(16, "LoRA rank of the D backbone when disc_mode = lora")
+    head_layers: list[int] = opt([], "0-based D tap blocks; [] = paper's 16/26/36 of 36 scaled to the depth")
+    image: APTPhase = field(default_factory=lambda: APTPhase(steps=350, r1_sigma=0.01, d_timestep_shift=1.0))
+    video: APTPhase = field(default_factory=lambda: APTPhase(steps=300, lr=3e-6, r1_sigma=0.1, d_timestep_shift=12.0))
+
+
+@dataclass
+class CheckpointSection:
+    """DCP checkpoints in <run.dir>/checkpoints/step-N/."""
+
+    every: int = opt(100, "save every N optimiser steps (and at the end); 0 = only at the end")
+    keep: int = opt(3, "keep the last K complete checkpoints (older ones are deleted); 0 = keep all")
+
+
+@dataclass
+class ExportSection:
+    """Model-only safetensors at the end of a run (and of the APT image phase)."""
+
+    final: bool = opt(True, "export the (EMA) generator when the run ends")
+    dtype: str = opt("bf16", "dtype of exported tensors", ("bf16", "fp16", "fp32"))
+
+
+@dataclass
+class MonitorSection:
+    """Progress bar, metrics.jsonl, TensorBoard, validation samples and GAN health checks."""
+
+    log_every: int = opt(10, "host-sync + write the buffered per-step metrics every N steps")
+    progress: bool = opt(True, "tqdm bar on rank 0")
+    tensorboard: bool = opt(False, "also write TensorBoard events to <run.dir>/tb (needs the tensorboard package)")
+    val_every: int = opt(0, "validation samples every N steps (and at the end); 0 = off")
+    val_seeds: list[int] = opt([0, 1, 2, 3], "noise seeds per validation prompt (fixed across the run)")
+    val_prompts: str = opt("", "safetensors with `context` [P, L, D] prompt embeddings; '' = the first val_num_prompts samples")
+    val_num_prompts: int = opt(2, "prompts taken from the dataset when val_prompts is empty")
+    val_fps: int = opt(16, "fps of the validation mp4s")
+    collapse_window: int = opt(50, "steps over which the D loss must stay below d_loss_floor to warn about D winning")
+    d_loss_floor: float = opt(0.01, "D loss considered 'near zero' (collapse warning)")
+    diversity_threshold: float = opt(0.05, "warn when the mean pairwise distance of seeds' samples / the real one falls below this")
+
+
+@dataclass
+class RunConfig:
+    """The whole run. Sections map to TOML tables of the same name."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    cd: CDSection = field(default_factory=CDSection)
+    apt: APTSection = field(default_factory=APTSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+
+
+class ConfigError(ValueError):
+    """A config value or key that is not allowed (the message names it and what is allowed)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from TOML dicts, with checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def _check_value(name: str, value: Any, tp: Any, choices: tuple | None) -> Any:
+    """Return `value` converted to `tp` (int -> float only), or raise ConfigError naming `name`."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list of {item_tp.__name__}, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{name}[{i}]", v, item_tp, None) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: union types are not supported in the config schema")
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if tp is float:
+        value = float(value)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {list(choices)}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (TOML) dict; unknown keys and bad values raise ConfigError by name."""
+    return update(cls(), data, prefix)
+
+
+def update(obj: Any, data: dict, prefix: str = "") -> Any:
+    """Set the keys of `data` onto dataclass instance `obj` (recursing into sub-tables), checking each."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {type(data).__name__} {data!r}")
+    hints = _hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]} in [{where}]; allowed keys: {sorted(fields)}")
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            # onto the default sub-section, so per-section defaults (apt.video.lr, ...) survive
+            update(getattr(obj, key), value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _check_value(prefix + key, value, tp, fields[key].metadata.get("choices")))
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain nested dict (TOML-writable)."""
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides, loading, saving
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_override_value(raw: str) -> Any:
+    """`1e-5` -> float, `true` -> bool, `[0, 1]` -> list, anything else not valid TOML -> the string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Merge `--section.key=value` (or `section.key=value`) strings into a TOML dict (checked later)."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        dotted, raw = text.split("=", 1)
+        keys = dotted.strip().split(".")
+        if len(keys) < 2 or not all(keys):
+            raise ConfigError(f"override {item!r}: key must be section.key (e.g. --apt.lr=1e-5)")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is a value, not a section")
+        node[keys[-1]] = parse_override_value(raw.strip())
+    return data
+
+
+def split_override_args(argv: list[str]) -> list[str]:
+    """Join `--a.b value` pairs into `--a.b=value` (for argparse's leftover args)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "=" not in a and "." in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+        else:
+            if not a.startswith("--") or "." not in a:
+                raise ConfigError(f"unexpected argument {a!r}; overrides look like --section.key=value")
+            out.append(a)
+            i += 1
+    return out
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field checks that single values cannot express."""
+    positive = {
+        "data.micro_batch": cfg.data.micro_batch,
+        "data.grad_accum": cfg.data.grad_accum,
+        "monitor.log_every": cfg.monitor.log_every,
+    }
+    for name, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    for name, v in {"run.steps": cfg.run.steps, "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
+                    "model.lora_rank": cfg.model.lora_rank, "monitor.val_every": cfg.monitor.val_every}.items():
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0, got {v}")
+    if not cfg.data.path and not (cfg.run.stage == "apt" and cfg.apt.image.data and cfg.apt.video.data):
+        raise ConfigError("data.path is empty: set it to a shard directory (apt_core.shards.ShardWriter output)")
+    if cfg.run.stage == "cd" and not (cfg.model.init_from or cfg.cd.teacher_from):
+        raise ConfigError("stage cd needs a teacher: set model.init_from (or cd.teacher_from) to a safetensors file")
+    if cfg.run.stage == "apt":
+        if cfg.apt.image.steps + cfg.apt.video.steps < 1:
+            raise ConfigError("stage apt: apt.image.steps + apt.video.steps must be >= 1")
+        for name in ("image", "video"):
+            p = getattr(cfg.apt, name)
+            for key in ("steps", "micro_batch", "grad_accum"):
+                if getattr(p, key) < 0:
+                    raise ConfigError(f"apt.{name}.{key} must be >= 0, got {getattr(p, key)}")
+    if len(cfg.teacher.betas) != 2:
+        raise ConfigError(f"teacher.betas must have 2 values, got {cfg.teacher.betas}")
+    if cfg.monitor.val_every and not cfg.monitor.val_seeds:
+        raise ConfigError("monitor.val_seeds is empty but monitor.val_every > 0")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config, apply `--section.key=value` overrides, check everything, return RunConfig."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    apply_overrides(data, list(overrides or []))
+    try:
+        return validate(from_dict(RunConfig, data))
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def dumps(cfg: RunConfig) -> str:
+    """TOML text of a config (every key, resolved)."""
+    try:
+        import tomli_w
+
+        return tomli_w.dumps(to_dict(cfg))
+    except ImportError:  # pragma: no cover - tomli-w is a dev dependency; tiny writer as fallback
+        return _dumps_fallback(to_dict(cfg))
+
+
+def _dumps_fallback(d: dict, prefix: str = "") -> str:
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return repr(v)
+
+    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    text = (f"[{prefix}]\n" if prefix and lines else "") + "\n".join(lines) + ("\n\n" if lines else "")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            text += _dumps_fallback(v, f"{prefix}.{k}" if prefix else k)
+    return text
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as TOML (atomically), loadable by load_config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dumps(cfg))
+    tmp.replace(path)
+    return path
+
+
+def schema_rows(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) for every leaf key of a config instance: the docs table."""
+    obj = RunConfig() if obj is None else obj
+    hints, rows = _hints(type(obj)), []
+    for f in dataclasses.fields(obj):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows += schema_rows(value, f"{prefix}{f.name}.")
+            continue
+        t = tp.__name__ if typing.get_origin(tp) is None else f"list[{typing.get_args(tp)[0].__name__}]"
+        helptext = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            helptext += f" ({' / '.join(map(str, f.metadata['choices']))})"
+        rows.append((prefix + f.name, t, repr(value), helptext))
+    return rows
+
+
+def schema_markdown() -> str:
+    """Markdown table of every config key (type, default, meaning)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | {t} | `{d}` | {h} |" for k, t, d, h in schema_rows()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(schema_markdown())
