@@ -82,9 +82,11 @@ class CrossAttentionHead(nn.Module):
 
 
 def init_heads(module: nn.Module) -> None:
-    """Head init: xavier Linear weights, zero biases, query ~ N(0, 0.02) (unit LayerNorms)."""
+    """Head init: xavier Linear weights, zero biases, query ~ N(0, 0.02), unit LayerNorms."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.LayerNorm):
+            m.reset_parameters()
+        elif isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -150,9 +152,8 @@ class APTDiscriminator(nn.Module):
 
     def reset_heads(self) -> None:
         """(Re-)initialise the new head parameters (call after `to_empty` on a meta-built D)."""
-        init_heads(self.heads)
-        init_heads(self.proj_out)
-        self.norm_out.reset_parameters()
+        for m in (self.heads, self.norm_out, self.proj_out):
+            init_heads(m)
 
     # -- trainable sets -----------------------------------------------------------------------
     def _configure_trainable(self, lora_rank: int) -> None:

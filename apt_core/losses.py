@@ -88,8 +88,8 @@ def exact_r1(
     """Exact R1: `mean_b ||grad_x D(x_b, c_b, t_b)||^2` by autograd.grad(create_graph=True).
 
     Samples are independent in D (no batch statistics), so the gradient of the summed logits
-    holds each sample's own input gradient. On CUDA the attention runs on the math kernel (the
-    fused kernels have no double backward).
+    holds each sample's own input gradient. Attention runs on SDPA's math kernel: the fused
+    kernels (flash on CPU and CUDA, cuDNN, efficient) have no double backward.
     """
     x = x.detach().requires_grad_(True)
     with math_attention(x.device):
@@ -102,9 +102,9 @@ def r1_penalty(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad.float().pow(2).flatten(1).sum(1).mean()
 
 
-def math_attention(device: torch.device):
-    """Context forcing SDPA's math kernel on CUDA (double backward); a no-op elsewhere."""
-    if device.type != "cuda":
+def math_attention(device: torch.device | None = None):
+    """Context forcing SDPA's math kernel (the one with a double backward) on CPU and CUDA."""
+    if device is not None and device.type not in ("cpu", "cuda"):
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
