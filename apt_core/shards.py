@@ -1,0 +1,405 @@
+"""Dataset shards: encoded training samples (latent or pixels + text embedding + caption) in safetensors.
+
+Written by the ComfyUI dataset node and by headless preprocessing, read by the trainer. The format
+is specified in docs/SHARDS.md: shard files ``shard-<writer>-<seq>.safetensors`` holding tensors
+``<i>.latent`` / ``<i>.text_emb`` with per-sample JSON in the header, plus one index part
+``dataset-<writer>.json`` per writer. Every file is written atomically (temp file + os.replace), so
+several writers (different ``shard_index``) can fill one directory concurrently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "apt-shards"
+FORMAT_VERSION = 1
+WRITE_MODES = ("new", "overwrite", "append")
+_SHARD_RE = re.compile(r"^shard-(\d{5})-(\d{6})\.safetensors$")
+_INDEX_RE = re.compile(r"^dataset-(\d{5})\.json$")
+
+
+def shard_name(shard_index: int, seq: int) -> str:
+    """File name of a writer's ``seq``-th shard."""
+    return f"shard-{shard_index:05d}-{seq:06d}.safetensors"
+
+
+def index_name(shard_index: int) -> str:
+    """File name of a writer's index part."""
+    return f"dataset-{shard_index:05d}.json"
+
+
+def writer_slice(items: Sequence, shard_index: int, num_shards: int) -> list:
+    """The items writer ``shard_index`` of ``num_shards`` should process (every num_shards-th one)."""
+    _check_writer(shard_index, num_shards)
+    return list(items[shard_index::num_shards])
+
+
+def _check_writer(shard_index: int, num_shards: int) -> None:
+    if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard_index, int)
+            and 0 <= shard_index < num_shards and num_shards <= 99999):
+        raise ValueError(f"need 0 <= shard_index < num_shards <= 99999, got shard_index={shard_index!r}, "
+                         f"num_shards={num_shards!r}")
+
+
+@dataclass
+class Sample:
+    """One training sample: latent (or pixels) [C, F, H, W], text embedding [L, D] and provenance."""
+
+    latent: torch.Tensor
+    text_emb: torch.Tensor
+    text_len: int
+    caption: str
+    source: str = ""
+    fps: float = 0.0
+    frame_indices: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable per-sample info
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be JSON-serialisable (str/int/float/bool/list/dict, finite numbers): {e}") from e
+
+
+class ShardWriter:
+    """Append samples; every ``samples_per_shard`` of them become one shard file plus an index update.
+
+    metadata: dataset-level JSON dict (encoder names, latent normalisation, ...), stored in every
+    shard header and index part. shard_index/num_shards name this writer so several writers can share
+    ``out_dir``. mode: "new" (refuse if this writer's files exist), "overwrite" (delete them first),
+    "append" (continue after them; ``written_sources`` lists what is already there).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, metadata: dict[str, Any], samples_per_shard: int = 64,
+                 shard_index: int = 0, num_shards: int = 1, mode: str = "new") -> None:
+        _check_writer(shard_index, num_shards)
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if mode not in WRITE_MODES:
+            raise ValueError(f"mode must be one of {WRITE_MODES}, got {mode!r}")
+        if not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metadata = json.loads(_json(metadata, "ShardWriter metadata"))
+        self.samples_per_shard = samples_per_shard
+        self.shard_index, self.num_shards = shard_index, num_shards
+        self._pending: list[Sample] = []
+        self._shards: list[dict[str, Any]] = []
+        self._dtypes: tuple[torch.dtype, torch.dtype, int, int] | None = None
+        self.closed = False
+        self._open_existing(mode)
+
+    def _own_files(self) -> list[Path]:
+        own = [p for p in self.out_dir.iterdir()
+               if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) == self.shard_index]
+        index = self.out_dir / index_name(self.shard_index)
+        return sorted(own) + ([index] if index.exists() else [])
+
+    def _open_existing(self, mode: str) -> None:
+        existing = self._own_files()
+        if not existing:
+            return
+        if mode == "new":
+            raise FileExistsError(f"{self.out_dir} already has files of writer {self.shard_index} "
+                                  f"({', '.join(p.name for p in existing[:3])}...); use mode='append' to continue "
+                                  f"or mode='overwrite' to replace them")
+        if mode == "overwrite":
+            for p in existing:
+                p.unlink()
+            return
+        index = self.out_dir / index_name(self.shard_index)
+        if not index.exists():
+            raise FileNotFoundError(f"cannot append: {index} is missing but shard files of writer "
+                                    f"{self.shard_index} exist; use mode='overwrite'")
+        part = _load_index_part(index)
+        if part["metadata"] != self.metadata:
+            raise ValueError(f"cannot append to {index}: its metadata {part['metadata']} differs from {self.metadata}")
+        self._shards = part["shards"]
+
+    @property
+    def num_samples(self) -> int:
+        """Samples added so far (written + pending), including those found in append mode."""
+        return sum(s["num_samples"] for s in self._shards) + len(self._pending)
+
+    @property
+    def written_sources(self) -> list[str]:
+        """Sources of the samples already in shard files (for resuming an interrupted run)."""
+        return [src for s in self._shards for src in s["sources"]]
+
+    @property
+    def files(self) -> list[Path]:
+        """Shard files written by this writer."""
+        return [self.out_dir / s["file"] for s in self._shards]
+
+    def add(self, latent: torch.Tensor, text_emb: torch.Tensor, caption: str, *, text_len: int | None = None,
+            source: str = "", fps: float = 0.0, frame_indices: Sequence[int] = (),
+            extra: dict[str, Any] | None = None) -> int:
+        """Add one sample (latent [C,F,H,W], text_emb [L,D]); returns its number within this writer."""
+        return self.add_sample(Sample(latent, text_emb, text_emb.shape[0] if text_len is None else text_len,
+                                      caption, source, fps, list(frame_indices), dict(extra or {})))
+
+    def add_sample(self, s: Sample) -> int:
+        """Validate and queue a Sample; flushes a shard when ``samples_per_shard`` are queued."""
+        if self.closed:
+            raise RuntimeError(f"ShardWriter for {self.out_dir} is closed")
+        where = f"sample {self.num_samples} (source {s.source!r})"
+        if not isinstance(s.latent, torch.Tensor) or s.latent.ndim != 4:
+            raise ValueError(f"{where}: latent must be a tensor [C, F, H, W], got {_shape(s.latent)}")
+        if not isinstance(s.text_emb, torch.Tensor) or s.text_emb.ndim != 2:
+            raise ValueError(f"{where}: text_emb must be a tensor [L, D], got {_shape(s.text_emb)}")
+        if not (0 <= int(s.text_len) <= s.text_emb.shape[0]):
+            raise ValueError(f"{where}: text_len {s.text_len} outside [0, L={s.text_emb.shape[0]}]")
+        if s.latent.is_floating_point() and not bool(torch.isfinite(s.latent).all()):
+            raise ValueError(f"{where}: latent has NaN/Inf values; check the VAE encode")
+        kind = (s.latent.dtype, s.text_emb.dtype, s.latent.shape[0], s.text_emb.shape[1])
+        if self._dtypes is None:
+            self._dtypes = kind
+        elif kind != self._dtypes:
+            raise ValueError(f"{where}: (latent dtype, text dtype, C, D) = {kind} differs from earlier samples "
+                             f"{self._dtypes}; one dataset needs one encoder setup")
+        info = {"caption": str(s.caption), "source": str(s.source), "fps": float(s.fps),
+                "frame_indices": [int(i) for i in s.frame_indices], "text_len": int(s.text_len),
+                "extra": s.extra}
+        if not math.isfinite(info["fps"]):
+            raise ValueError(f"{where}: fps must be finite, got {s.fps}")
+        _json(info, f"{where} fields")
+        self._pending.append(Sample(s.latent.detach().cpu().clone(memory_format=torch.contiguous_format),
+                                    s.text_emb.detach().cpu().clone(memory_format=torch.contiguous_format),
+                                    info["text_len"], info["caption"], info["source"], info["fps"],
+                                    info["frame_indices"], s.extra))
+        n = self.num_samples - 1
+        if len(self._pending) >= self.samples_per_shard:
+            self.flush()
+        return n
+
+    def flush(self) -> Path | None:
+        """Write queued samples as one shard file and rewrite the index part; None if nothing queued."""
+        if not self._pending:
+            return None
+        seq = max((int(_SHARD_RE.match(s["file"]).group(2)) for s in self._shards), default=-1) + 1
+        path = self.out_dir / shard_name(self.shard_index, seq)
+        tensors: dict[str, torch.Tensor] = {}
+        infos = []
+        for i, s in enumerate(self._pending):
+            tensors[f"{i}.latent"] = s.latent
+            tensors[f"{i}.text_emb"] = s.text_emb
+            infos.append({"caption": s.caption, "source": s.source, "fps": s.fps,
+                          "frame_indices": s.frame_indices, "text_len": s.text_len, "extra": s.extra})
+        header = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                  "dataset": _json(self.metadata, "metadata"), "samples": _json(infos, "samples"),
+                  "writer": _json({"shard_index": self.shard_index, "num_shards": self.num_shards, "seq": seq},
+                                  "writer")}
+        _atomic_save_safetensors(path, tensors, header)
+        self._shards.append({"file": path.name, "num_samples": len(infos),
+                             "latent_shapes": [list(s.latent.shape) for s in self._pending],
+                             "sources": [s.source for s in self._pending]})
+        self._pending = []
+        self._write_index(complete=False)
+        return path
+
+    def _write_index(self, complete: bool) -> None:
+        part = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "writer": {"shard_index": self.shard_index, "num_shards": self.num_shards},
+                "metadata": self.metadata, "complete": complete,
+                "num_samples": sum(s["num_samples"] for s in self._shards), "shards": self._shards}
+        _atomic_write_text(self.out_dir / index_name(self.shard_index), json.dumps(part, ensure_ascii=False, indent=1))
+
+    def close(self) -> None:
+        """Flush and mark this writer's index part complete."""
+        if self.closed:
+            return
+        self.flush()
+        self._write_index(complete=True)
+        self.closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep what was encoded, but leave the part marked incomplete
+            self.flush()
+            self.closed = True
+
+
+def _shape(x: Any) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _load_index_part(path: Path) -> dict[str, Any]:
+    try:
+        part = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the index part is damaged") from e
+    if not isinstance(part, dict) or part.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an {FORMAT} index part (format={part.get('format') if isinstance(part, dict) else None!r})")
+    if int(part.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {part['format_version']} is newer than this reader "
+                         f"({FORMAT_VERSION}); update ComfyUI-APT")
+    for key in ("metadata", "shards", "writer"):
+        if key not in part:
+            raise ValueError(f"{path}: index part lacks key {key!r}")
+    return part
+
+
+class ShardReader:
+    """Random access to all samples of a shard directory; tensors load lazily via safetensors safe_open.
+
+    Samples are ordered by (writer index, shard sequence, position in shard). ``shapes[i]`` is the
+    latent shape of sample i (from the index, no tensor reads) for bucketing.
+    """
+
+    def __init__(self, root: str | os.PathLike, require_complete: bool = False, max_open: int = 8) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"shard directory {self.root} does not exist")
+        parts = sorted(p for p in self.root.iterdir() if _INDEX_RE.match(p.name))
+        if not parts:
+            raise FileNotFoundError(f"{self.root}: no index parts (dataset-NNNNN.json); write the directory "
+                                    f"with apt_core.shards.ShardWriter")
+        self.metadata: dict[str, Any] = {}
+        self.files: list[Path] = []
+        self.shapes: list[tuple[int, ...]] = []
+        self._locate: list[tuple[int, int]] = []  # sample -> (file number, index in shard)
+        first_part, num_shards = None, set()
+        for part_path in parts:
+            part = _load_index_part(part_path)
+            if first_part is None:
+                first_part, self.metadata = part_path, part["metadata"]
+            elif part["metadata"] != self.metadata:
+                diff = sorted(k for k in set(part["metadata"]) | set(self.metadata)
+                              if part["metadata"].get(k) != self.metadata.get(k))
+                raise ValueError(f"{part_path} and {first_part} disagree on metadata keys {diff}; shards from "
+                                 f"different encoders/normalisations cannot be mixed in one directory")
+            num_shards.add(int(part["writer"]["num_shards"]))
+            if not part.get("complete", False):
+                msg = f"{part_path}: writer {part['writer']['shard_index']} has not finished (complete=false)"
+                if require_complete:
+                    raise ValueError(msg)
+                log.warning("%s; reading the %d samples written so far", msg, part.get("num_samples", 0))
+            for shard in part["shards"]:
+                path = self.root / shard["file"]
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} is listed in {part_path} but missing")
+                self.files.append(path)
+                shapes = [tuple(int(d) for d in s) for s in shard["latent_shapes"]]
+                if len(shapes) != shard["num_samples"]:
+                    raise ValueError(f"{part_path}: {shard['file']} lists {len(shapes)} shapes for "
+                                     f"{shard['num_samples']} samples")
+                self.shapes.extend(shapes)
+                self._locate.extend((len(self.files) - 1, j) for j in range(len(shapes)))
+        found = {int(_INDEX_RE.match(p.name).group(1)) for p in parts}
+        for n in num_shards:
+            missing = sorted(set(range(n)) - found)
+            if missing:
+                log.warning("%s: index parts of writers %s (of num_shards=%d) are missing", self.root, missing[:10], n)
+        listed = {p.name for p in self.files}
+        orphans = sorted(p.name for p in self.root.iterdir() if _SHARD_RE.match(p.name) and p.name not in listed)
+        if orphans:
+            log.warning("%s: shard files not listed in any index part are ignored: %s", self.root, orphans[:5])
+        self._max_open = max(1, max_open)
+        self._open: OrderedDict[int, tuple[Any, list[dict[str, Any]]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._locate)
+
+    def _handle(self, file_no: int) -> tuple[Any, list[dict[str, Any]]]:
+        if file_no in self._open:
+            self._open.move_to_end(file_no)
+            return self._open[file_no]
+        path = self.files[file_no]
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        header = handle.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: header format {header.get('format')!r}, expected {FORMAT!r}")
+        entry = (handle, json.loads(header["samples"]))
+        self._open[file_no] = entry
+        if len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return entry
+
+    def _index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} samples in {self.root}")
+        return i % n
+
+    def info(self, i: int) -> dict[str, Any]:
+        """Per-sample JSON fields (caption, source, fps, frame_indices, text_len, extra) without tensors."""
+        file_no, j = self._locate[self._index(i)]
+        return dict(self._handle(file_no)[1][j])
+
+    def __getitem__(self, i: int) -> Sample:
+        i = self._index(i)
+        file_no, j = self._locate[i]
+        handle, infos = self._handle(file_no)
+        latent = handle.get_tensor(f"{j}.latent")
+        if tuple(latent.shape) != self.shapes[i]:
+            raise ValueError(f"{self.files[file_no]}: tensor {j}.latent has shape {tuple(latent.shape)}, "
+                             f"index says {self.shapes[i]}")
+        d = infos[j]
+        return Sample(latent, handle.get_tensor(f"{j}.text_emb"), int(d["text_len"]), d["caption"], d["source"],
+                      float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})))
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def buckets(self) -> dict[tuple[int, ...], list[int]]:
+        """Sample indices grouped by latent shape (sorted by shape; indices ascending)."""
+        out: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(self.shapes):
+            out.setdefault(s, []).append(i)
+        return dict(sorted(out.items()))
+
+    def __getstate__(self) -> dict[str, Any]:  # open handles are not picklable (DataLoader workers)
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state

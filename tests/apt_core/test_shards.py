@@ -1,0 +1,202 @@
+"""apt_core.shards: real safetensors round trips, concurrent writers, atomicity, resume and error paths."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from apt_core.shards import FORMAT, FORMAT_VERSION, Sample, ShardReader, ShardWriter, writer_slice
+
+META = {"space": "latent", "vae": "wan_2.1_vae", "text_encoder": "umt5_xxl_fp8",
+        "latent_norm": {"mean": [0.1, -0.2], "std": [1.5, 0.5]}, "fps": 16}
+
+
+def make_sample(i: int, dtype: torch.dtype = torch.bfloat16, shape=(4, 2, 3, 5), dim: int = 8) -> Sample:
+    g = torch.Generator().manual_seed(i)
+    length = 3 + i % 4
+    return Sample(latent=torch.randn(shape, generator=g).to(dtype),
+                  text_emb=torch.randn(length, dim, generator=g).to(dtype),
+                  text_len=length - i % 2, caption=f"caption {i} – ünïcode", source=f"/data/clip_{i}.mp4",
+                  fps=16.0 + i, frame_indices=[i, i + 2, i + 4], extra={"aesthetic": i / 10})
+
+
+def assert_same(a: Sample, b: Sample) -> None:
+    assert a.latent.dtype == b.latent.dtype and torch.equal(a.latent, b.latent)
+    assert a.text_emb.dtype == b.text_emb.dtype and torch.equal(a.text_emb, b.text_emb)
+    assert (a.text_len, a.caption, a.source, a.fps, a.frame_indices, a.extra) == \
+        (b.text_len, b.caption, b.source, b.fps, b.frame_indices, b.extra)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
+def test_round_trip_bit_exact_with_metadata(tmp_path: Path, dtype: torch.dtype) -> None:
+    samples = [make_sample(i, torch.float32) for i in range(7)]
+    if dtype == torch.uint8:  # pixel-space datasets store frames as given
+        samples = [Sample((s.latent.abs() * 40).to(torch.uint8), s.text_emb.to(torch.float16), s.text_len, s.caption,
+                          s.source, s.fps, s.frame_indices, s.extra) for s in samples]
+    else:
+        samples = [Sample(s.latent.to(dtype), s.text_emb.to(dtype), s.text_len, s.caption, s.source, s.fps,
+                          s.frame_indices, s.extra) for s in samples]
+    with ShardWriter(tmp_path, META, samples_per_shard=3) as w:
+        for s in samples:
+            w.add_sample(s)
+    assert [p.name for p in w.files] == ["shard-00000-000000.safetensors", "shard-00000-000001.safetensors",
+                                         "shard-00000-000002.safetensors"]
+    r = ShardReader(tmp_path)
+    assert len(r) == 7 and r.metadata == META
+    for i, s in enumerate(samples):
+        assert_same(r[i], s)
+    assert_same(r[-1], samples[-1])
+    assert r.shapes == [(4, 2, 3, 5)] * 7
+    assert r.info(4)["caption"] == "caption 4 – ünïcode"
+    with pytest.raises(IndexError, match="sample 7 out of range"):
+        r[7]
+    with safe_open(str(w.files[1]), framework="pt") as f:  # the documented header layout
+        header = f.metadata()
+        assert sorted(f.keys()) == ["0.latent", "0.text_emb", "1.latent", "1.text_emb", "2.latent", "2.text_emb"]
+    assert header["format"] == FORMAT and header["format_version"] == str(FORMAT_VERSION)
+    assert json.loads(header["dataset"]) == META
+    assert [d["source"] for d in json.loads(header["samples"])] == [s.source for s in samples[3:6]]
+    assert json.loads(header["writer"]) == {"shard_index": 0, "num_shards": 1, "seq": 1}
+    index = json.loads((tmp_path / "dataset-00000.json").read_text())
+    assert index["complete"] is True and index["num_samples"] == 7 and index["metadata"] == META
+
+
+def test_add_keyword_form_and_defaults(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, {}) as w:
+        assert w.add(torch.zeros(16, 1, 2, 2), torch.ones(5, 4), "a cat") == 0
+        assert w.add(torch.zeros(16, 1, 2, 2), torch.ones(5, 4), "a dog", text_len=2, source="x.png") == 1
+    r = ShardReader(tmp_path)
+    assert [(s.caption, s.text_len, s.source, s.fps, s.frame_indices) for s in r] == [
+        ("a cat", 5, "", 0.0, []), ("a dog", 2, "x.png", 0.0, [])]
+
+
+def _write_part(out_dir: str, shard_index: int, num_shards: int, n: int) -> None:
+    mine = writer_slice(list(range(n)), shard_index, num_shards)
+    with ShardWriter(out_dir, META, samples_per_shard=2, shard_index=shard_index, num_shards=num_shards) as w:
+        for i in mine:
+            w.add_sample(make_sample(i, shape=(4, 1 + i % 2, 2, 2)))
+
+
+def test_two_concurrent_writers_one_directory(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_part, args=(str(tmp_path), k, 2, 9)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["dataset-00000.json", "dataset-00001.json",
+                     "shard-00000-000000.safetensors", "shard-00000-000001.safetensors",
+                     "shard-00000-000002.safetensors",
+                     "shard-00001-000000.safetensors", "shard-00001-000001.safetensors"]
+    r = ShardReader(tmp_path)
+    assert len(r) == 9
+    assert [s.source for s in r] == [f"/data/clip_{i}.mp4" for i in (0, 2, 4, 6, 8, 1, 3, 5, 7)]
+    for i in range(9):
+        assert_same(r[i], make_sample(int(r[i].source.split("_")[1][:-4]), shape=r.shapes[i]))
+    assert r.buckets() == {(4, 1, 2, 2): [0, 1, 2, 3, 4], (4, 2, 2, 2): [5, 6, 7, 8]}
+
+
+def test_atomic_writes_leave_no_temp_files_and_reader_ignores_stale_ones(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, META, samples_per_shard=2)
+    for i in range(3):
+        w.add_sample(make_sample(i))
+    # mid-run: one shard flushed, index part already readable, marked incomplete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset-00000.json", "shard-00000-000000.safetensors"]
+    (tmp_path / ".shard-00000-000001.safetensors.tmp-1-abc").write_bytes(b"half a file")  # a crashed write
+    r = ShardReader(tmp_path)
+    assert len(r) == 2
+    with pytest.raises(ValueError, match="has not finished"):
+        ShardReader(tmp_path, require_complete=True)
+    (tmp_path / ".shard-00000-000001.safetensors.tmp-1-abc").unlink()
+    w.close()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert len(ShardReader(tmp_path, require_complete=True)) == 3
+
+
+def test_failed_write_removes_temp_file(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, META)
+    w.add_sample(make_sample(0))
+    (tmp_path / "shard-00000-000000.safetensors").mkdir()  # os.replace onto a directory fails
+    with pytest.raises(OSError):
+        w.flush()
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-00000-000000.safetensors"]
+
+
+def test_writer_modes_new_overwrite_append(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, META, samples_per_shard=2) as w:
+        for i in range(3):
+            w.add_sample(make_sample(i))
+    with pytest.raises(FileExistsError, match="mode='append'"):
+        ShardWriter(tmp_path, META)
+    with ShardWriter(tmp_path, META, samples_per_shard=2, mode="append") as w:
+        assert w.written_sources == [f"/data/clip_{i}.mp4" for i in range(3)] and w.num_samples == 3
+        w.add_sample(make_sample(3))
+    r = ShardReader(tmp_path)
+    assert [s.source for s in r] == [f"/data/clip_{i}.mp4" for i in range(4)] and len(r.files) == 3
+    with pytest.raises(ValueError, match="metadata"):
+        ShardWriter(tmp_path, {**META, "vae": "other"}, mode="append")
+    with ShardWriter(tmp_path, META, mode="overwrite") as w:
+        w.add_sample(make_sample(9))
+    assert [s.source for s in ShardReader(tmp_path)] == ["/data/clip_9.mp4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset-00000.json", "shard-00000-000000.safetensors"]
+
+
+def test_invalid_samples_are_rejected_by_name(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, META)
+    with pytest.raises(ValueError, match=r"latent must be a tensor \[C, F, H, W\], got shape \(2, 3\)"):
+        w.add(torch.zeros(2, 3), torch.zeros(4, 8), "x", source="a.mp4")
+    with pytest.raises(ValueError, match="text_len 9 outside"):
+        w.add(torch.zeros(4, 1, 2, 2), torch.zeros(4, 8), "x", text_len=9)
+    with pytest.raises(ValueError, match="source 'nan.mp4'.*NaN/Inf"):
+        w.add(torch.full((4, 1, 2, 2), float("nan")), torch.zeros(4, 8), "x", source="nan.mp4")
+    w.add(torch.zeros(4, 1, 2, 2), torch.zeros(4, 8), "x")
+    with pytest.raises(ValueError, match="differs from earlier samples"):
+        w.add(torch.zeros(4, 1, 2, 2, dtype=torch.float16), torch.zeros(4, 8), "x")
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        w.add(torch.zeros(4, 1, 2, 2), torch.zeros(4, 8), "x", extra={"t": torch.zeros(1)})
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        ShardWriter(tmp_path / "b", {"bad": object()})
+    with pytest.raises(ValueError, match="shard_index=2, num_shards=2"):
+        ShardWriter(tmp_path / "c", META, shard_index=2, num_shards=2)
+
+
+def test_reader_errors_name_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(FileNotFoundError, match="no index parts"):
+        ShardReader(tmp_path)
+    for k in range(2):
+        with ShardWriter(tmp_path, {**META, "vae": f"vae{k}"}, shard_index=k, num_shards=3) as w:
+            w.add_sample(make_sample(k))
+    with pytest.raises(ValueError, match=r"dataset-00001.json and .*dataset-00000.json disagree on metadata keys \['vae'\]"):
+        ShardReader(tmp_path)
+    (tmp_path / "dataset-00001.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="apt_core.shards"):
+        r = ShardReader(tmp_path)
+    assert len(r) == 1
+    assert any("writers [1, 2]" in m for m in caplog.messages)  # missing index parts are reported
+    assert any("shard-00001-000000.safetensors" in m and "not listed" in m for m in caplog.messages)
+    (tmp_path / "shard-00000-000000.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00000-000000.safetensors is listed in .*dataset-00000.json"):
+        ShardReader(tmp_path)
+    part = tmp_path / "dataset-00000.json"
+    part.write_text(json.dumps({**json.loads(part.read_text()), "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99 is newer"):
+        ShardReader(tmp_path)
+
+
+def test_reader_pickles_without_open_handles(tmp_path: Path) -> None:
+    import pickle
+
+    with ShardWriter(tmp_path, META) as w:
+        w.add_sample(make_sample(0))
+    r = ShardReader(tmp_path)
+    _ = r[0]
+    r2 = pickle.loads(pickle.dumps(r))
+    assert_same(r2[0], make_sample(0))
