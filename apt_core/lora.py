@@ -149,6 +149,9 @@ def inject_lora(
         n for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, targets)
     ]
     if not paths:
+        done = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and _matches(n, targets)]
+        if done:
+            raise ValueError(f"the target modules already have LoRA adapters (e.g. {clean_path(done[0])})")
         raise ValueError(f"no nn.Linear module path ends with one of the LoRA targets {list(targets)}")
     model.requires_grad_(False)
     for n in paths:

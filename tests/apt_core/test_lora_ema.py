@@ -90,6 +90,10 @@ def test_fresh_adapter_changes_nothing_and_freezes_base():
     inject_lora(model, rank=4)
     with torch.no_grad():
         assert torch.equal(model(x, t, ctx), before)
+    with pytest.raises(ValueError, match="already have LoRA adapters"):
+        inject_lora(model, rank=4)
+    with pytest.raises(ValueError, match="no nn.Linear module path ends with one of the LoRA targets"):
+        inject_lora(_model(), rank=4, targets=("nope",))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_down." in n or ".lora_up." in n for n in trainable)
     model(x, t, ctx).square().mean().backward()
