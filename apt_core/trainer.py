@@ -230,8 +230,8 @@ class APTTrainer:
                 real = real.detach().requires_grad_(True)
                 xs[0] = real
             k = len(xs)
-            ctx = losses.math_attention(dev) if cfg.r1_mode == "exact" else nullcontext()
-            with ctx, _autocast(dev, cfg.autocast_dtype):
+            exact = use_r1 and cfg.r1_mode == "exact"
+            with losses.math_attention(dev) if exact else nullcontext(), _autocast(dev, cfg.autocast_dtype):
                 logits = D(torch.cat(xs), repeat_cond(c, k), t.repeat(k)).chunk(k)
             l_real, l_fake = logits[0], logits[1]
             if cfg.loss == "relativistic":
@@ -242,8 +242,8 @@ class APTTrainer:
             if use_r1 and cfg.r1_mode == "approx":
                 extra["ar1"] = losses.approx_r1(l_real, logits[2])
                 loss = loss + cfg.r1_lambda * extra["ar1"]
-            elif use_r1:
-                with ctx:
+            elif exact:
+                with losses.math_attention(dev):
                     extra["r1"] = losses.r1_penalty(l_real, real)
                 loss = loss + cfg.r1_lambda * cfg.r1_sigma**2 * extra["r1"]
             if cfg.r2:

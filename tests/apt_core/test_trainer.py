@@ -1,0 +1,259 @@
+"""APTTrainer d_step / g_step and CDTrainer.cd_step on the tiny Wan config."""
+
+import copy
+
+import pytest
+import torch
+
+from apt_core import losses
+from apt_core.backbone import WanCond, build_flow_model
+from apt_core.discriminator import APTDiscriminator
+from apt_core.distill import cd_grid, consistency_loss
+from apt_core.ema import EMA
+from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, is_finite_metrics, make_rmsprop
+
+SHAPE = (4, 16, 1, 4, 4)
+
+
+def _setup(config=None, seed=0, lr=1e-4, ema=False):
+    torch.manual_seed(seed)
+    gen = build_flow_model("tiny")
+    with torch.no_grad():
+        gen.head.head.weight.normal_(std=0.05)  # a generator that is not identically zero
+    D = APTDiscriminator(build_flow_model("tiny"))
+    tr = APTTrainer(
+        gen, D, make_rmsprop(gen.parameters(), lr), make_rmsprop(D.trainable_parameters(), lr),
+        config or APTConfig(), ema=EMA(gen, decay=0.9) if ema else None,
+    )
+    return tr
+
+
+def _data(seed=1, b=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *SHAPE[1:], generator=g)
+    c = WanCond(torch.randn(b, 5, 32, generator=g))
+    noise = {"z": torch.randn(x.shape, generator=g), "t_d": torch.rand(b, generator=g)}
+    return x, c, noise
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _changed(module, before):
+    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+
+
+def test_make_rmsprop_is_adam_with_zero_momentum():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = make_rmsprop([p], lr=0.1)
+    g = opt.param_groups[0]
+    assert g["betas"] == (0.0, 0.9) and g["weight_decay"] == 0.0 and g["eps"] == 1e-8
+    p.grad = torch.tensor([0.5, -4.0, 0.0])
+    opt.step()
+    # first step: v_hat = g^2, so the update is lr * g / (|g| + eps)
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
+
+
+def test_config_validation_names_the_value():
+    with pytest.raises(ValueError, match="loss='hinge'"):
+        APTConfig(loss="hinge")
+    with pytest.raises(ValueError, match="grad_accum"):
+        APTConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="r1_sigma"):
+        APTConfig(r1_sigma=0.0)
+    with pytest.raises(ValueError, match="r1_mode"):
+        APTConfig(r1_mode="lazy")
+    with pytest.raises(ValueError, match="steps"):
+        CDConfig(steps=0)
+
+
+def test_d_step_moves_only_d_and_g_step_moves_only_g():
+    tr = _setup()
+    x, c, noise = _data()
+    g0, d0 = _snapshot(tr.generator), _snapshot(tr.discriminator)
+    m = tr.d_step(x, c, **noise)
+    trainable_d = {n for n, p in tr.discriminator.named_parameters() if p.requires_grad}
+    assert _changed(tr.generator, g0) == set()
+    assert _changed(tr.discriminator, d0) == trainable_d  # every trainable D tensor, nothing else
+    assert all(p.grad is None for p in tr.generator.parameters())  # fakes made under no_grad
+    for v in m.values():
+        assert v.ndim == 0 and not v.requires_grad
+    assert {"d_loss", "d_loss_real", "d_loss_fake", "logits_real", "logits_fake", "d_acc", "ar1", "grad_norm_d"} <= set(m)
+
+    g1, d1 = _snapshot(tr.generator), _snapshot(tr.discriminator)
+    d_grads = {n: p.grad.clone() for n, p in tr.discriminator.named_parameters() if p.grad is not None}
+    d_opt_state = copy.deepcopy(tr.opt_d.state_dict())
+    m = tr.g_step(c, z=noise["z"], t_d=noise["t_d"])
+    assert _changed(tr.discriminator, d1) == set()
+    assert _changed(tr.generator, g1) == {n for n, p in tr.generator.named_parameters() if p.requires_grad}
+    assert {n for n, p in tr.discriminator.named_parameters() if p.requires_grad} == trainable_d  # restored
+    for n, p in tr.discriminator.named_parameters():  # no D grads accumulated in the G step
+        assert (p.grad is None) == (n not in d_grads) and (p.grad is None or torch.equal(p.grad, d_grads[n]))
+    assert str(tr.opt_d.state_dict()) == str(d_opt_state)
+    assert {"g_loss", "logits_fake_g", "grad_norm_g"} <= set(m) and all(v.ndim == 0 for v in m.values())
+
+
+def test_d_step_uses_one_batched_forward_with_paired_t_and_noise():
+    """The step's adversarial and aR1 terms equal separate passes with the same t, c and noise."""
+    cfg = APTConfig(r1_sigma=0.05)
+    tr = _setup(cfg)
+    x, c, noise = _data()
+    r1_noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    D, t = tr.discriminator, noise["t_d"]
+    with torch.no_grad():
+        fake = tr.generate(noise["z"], c)
+        l_real, l_fake = D(x, c, t), D(fake, c, t)
+        l_pert = D(x + cfg.r1_sigma * r1_noise, c, t)
+    m = tr.d_step(x, c, r1_noise=r1_noise, **noise)
+    ar1 = losses.approx_r1(l_real, l_pert)
+    assert ar1 > 0
+    torch.testing.assert_close(m["ar1"], ar1, rtol=1e-4, atol=1e-7)
+    adv = losses.d_loss_nonsaturating(l_real, l_fake)
+    torch.testing.assert_close(m["d_loss"], adv + cfg.r1_lambda * ar1, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m["logits_fake"], l_fake.mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m["grad_norm_d"], m["grad_norm_d"].clamp(min=1e-6))  # > 0, finite
+
+
+def test_grad_accum_gives_the_same_gradients_as_one_batch():
+    x, c, noise = _data()
+    r1_noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    grads, metrics = [], []
+    for accum in (1, 2):
+        tr = _setup(APTConfig(grad_accum=accum))
+        m = tr.d_step(x, c, r1_noise=r1_noise, **noise)
+        m.update(tr.g_step(c, **noise))
+        metrics.append(m)
+        grads.append([p.grad.clone() for p in [*tr.discriminator.trainable_parameters(), *tr.generator.parameters()]])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    for k in ("d_loss", "ar1", "d_acc", "g_loss"):
+        torch.testing.assert_close(metrics[0][k], metrics[1][k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum=3"):
+        _setup(APTConfig(grad_accum=3)).d_step(x, c)
+
+
+def test_relativistic_with_r2_runs_and_pairs_logits():
+    cfg = APTConfig(loss="relativistic", r2=True, r1_lambda=1000.0, r2_lambda=1000.0, r1_sigma=0.1)
+    tr = _setup(cfg)
+    x, c, noise = _data()
+    m = tr.d_step(x, c, **noise)
+    assert {"ar1", "ar2", "d_adv"} <= set(m) and m["ar2"] > 0 and is_finite_metrics(m)
+    with pytest.raises(ValueError, match="x_real"):
+        tr.g_step(c, **noise)
+    with torch.no_grad():
+        D, t = tr.discriminator, noise["t_d"]
+        expect = losses.g_loss_relativistic(D(x, c, t), D(tr.generate(noise["z"], c), c, t))
+    m = tr.g_step(c, x_real=x, **noise)
+    torch.testing.assert_close(m["g_loss"], expect, rtol=1e-4, atol=1e-6)
+
+
+def test_exact_r1_mode_matches_the_reference():
+    cfg = APTConfig(r1_mode="exact")
+    tr = _setup(cfg)
+    x, c, noise = _data()
+    ref = losses.exact_r1(tr.discriminator, x, c, noise["t_d"]).detach()
+    tr.discriminator.zero_grad(set_to_none=True)
+    m = tr.d_step(x, c, **noise)
+    assert "ar1" not in m and m["r1"] > 0
+    torch.testing.assert_close(m["r1"], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_g_step_updates_the_ema():
+    tr = _setup(ema=True)
+    x, c, noise = _data()
+    before = {n: s.clone() for n, s in zip(tr.ema.names, tr.ema.shadow)}
+    tr.d_step(x, c, **noise)
+    assert tr.ema.num_updates == 0
+    tr.g_step(c, **noise)
+    assert tr.ema.num_updates == 1
+    params = dict(tr.generator.named_parameters())
+    for n, s in zip(tr.ema.names, tr.ema.shadow):
+        torch.testing.assert_close(s, 0.9 * before[n] + 0.1 * params[n].detach())
+    assert not torch.equal(dict(zip(tr.ema.names, tr.ema.shadow))["head.head.weight"], before["head.head.weight"])
+
+
+def test_g_step_draws_z_with_the_last_real_shape():
+    tr = _setup()
+    x, c, _ = _data()
+    with pytest.raises(ValueError, match="latent shape"):
+        tr.g_step(c)
+    tr.d_step(x, c)
+    assert is_finite_metrics(tr.g_step(c))
+
+
+def test_apt_run_of_a_few_hundred_tiny_steps_stays_finite():
+    tr = _setup(APTConfig(r1_sigma=0.1), lr=3e-4, ema=True)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(8, *SHAPE[1:], generator=g)  # a tiny "dataset" of 8 latents with fixed captions
+    ctx = torch.randn(8, 5, 32, generator=g)
+    for step in range(200):
+        idx = torch.randint(0, 8, (4,), generator=g)
+        c = WanCond(ctx[idx])
+        md = tr.d_step(base[idx], c)
+        mg = tr.g_step(c)
+        if step % 50 == 49:
+            assert is_finite_metrics(md) and is_finite_metrics(mg), (step, md, mg)
+    assert all(torch.isfinite(p).all() for p in [*tr.generator.parameters(), *tr.discriminator.parameters()])
+    assert tr.ema.num_updates == 200 and all(torch.isfinite(s).all() for s in tr.ema.shadow)
+    with torch.no_grad():
+        out = tr.generate(torch.randn(SHAPE, generator=g), WanCond(ctx[:4]))
+    assert torch.isfinite(out).all() and out.std() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# consistency distillation
+# ---------------------------------------------------------------------------------------------
+
+
+def _cd_setup(cfg):
+    torch.manual_seed(0)
+    teacher = build_flow_model("tiny")
+    with torch.no_grad():
+        teacher.head.head.weight.normal_(std=0.1)
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    with torch.no_grad():
+        student.head.head.weight.add_(0.1 * torch.randn_like(student.head.head.weight))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.01)
+    return CDTrainer(student, teacher, opt, cfg, ema=EMA(student, decay=0.9))
+
+
+def test_cd_run_lowers_its_loss_on_toy_data():
+    cfg = CDConfig(steps=8, shift=3.0, cfg_scale=2.0)
+    tr = _cd_setup(cfg)
+    g = torch.Generator().manual_seed(4)
+    data, ctx, neg = torch.randn(8, *SHAPE[1:], generator=g), torch.randn(8, 5, 32, generator=g), torch.zeros(8, 5, 32)
+    eval_eps = torch.randn(data.shape, generator=g)
+    eval_n = torch.randint(1, 9, (8,), generator=g)
+
+    def eval_loss():
+        with torch.no_grad():
+            return float(consistency_loss(tr.student, tr.teacher, data, WanCond(ctx), eval_eps, eval_n,
+                                          cd_grid(8, 3.0), 2.0, WanCond(neg)))
+
+    first = eval_loss()
+    for _ in range(60):
+        idx = torch.randint(0, 8, (4,), generator=g)
+        m = tr.cd_step(data[idx], WanCond(ctx[idx]), neg_cond=WanCond(neg[idx]))
+    assert set(m) == {"loss", "grad_norm", "t_mean"} and all(v.ndim == 0 and not v.requires_grad for v in m.values())
+    assert tr.ema.num_updates == 60
+    last = eval_loss()
+    assert last < 0.5 * first, (first, last)
+    with pytest.raises(ValueError, match="neg_cond"):
+        tr.cd_step(data[:4], WanCond(ctx[:4]))
+
+
+def test_cd_step_grad_accum_and_explicit_draws_are_reproducible():
+    g = torch.Generator().manual_seed(5)
+    x0, ctx = torch.randn(4, *SHAPE[1:], generator=g), torch.randn(4, 5, 32, generator=g)
+    eps, n = torch.randn(x0.shape, generator=g), torch.tensor([1, 3, 8, 5])
+    out = []
+    for accum in (1, 2):
+        tr = _cd_setup(CDConfig(steps=8, shift=3.0, grad_accum=accum))
+        m = tr.cd_step(x0, WanCond(ctx), eps=eps, step_index=n)
+        out.append((m, [p.grad.clone() for p in tr.student.parameters()]))
+        assert all(p.grad is None for p in tr.teacher.parameters())
+    torch.testing.assert_close(out[0][0]["loss"], out[1][0]["loss"], rtol=1e-5, atol=1e-7)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
