@@ -118,7 +118,7 @@ class ClipInfo:
     fps: float  # frame rate of the returned clip (0.0 for images)
     frame_indices: list[int]
     timestamps: list[float]  # seconds from the first source frame, one per returned frame
-    original_size: tuple[int, int]  # (H, W) of the source
+    original_size: tuple[int, int]  # (H, W) of the source as displayed (rotation applied)
     size: tuple[int, int]  # (H, W) of the returned frames
     num_source_frames: int
 
@@ -312,11 +312,18 @@ def read_video(path: str | os.PathLike, fps: float | None = None, num_frames: in
         raise EmptyMediaError(f"{path}: empty file (0 bytes)")
     pts, secs, src_fps, (h, w) = _probe_timestamps(path)
     indices = sample_clip(secs, cfg.fps, cfg.num_frames, cfg.start, rng)
-    target = _target_size(h, w, cfg.size, cfg.buckets)
+    shown: dict[str, tuple[int, int] | None] = {}  # display size/target, known from the first frame
 
     def keep(frame: av.VideoFrame) -> torch.Tensor:
-        arr = torch.from_numpy(frame.to_ndarray(format="rgb24"))[None]
-        return resize_center_crop(arr, target)[0] if target is not None else arr[0]
+        arr = frame.to_ndarray(format="rgb24")
+        k = round((frame.rotation or 0) / 90) % 4  # display matrix (phone videos): counter-clockwise degrees
+        if k:
+            arr = np.ascontiguousarray(np.rot90(arr, k))
+        if not shown:
+            shown["size"] = arr.shape[:2]
+            shown["target"] = _target_size(arr.shape[0], arr.shape[1], cfg.size, cfg.buckets)
+        x = torch.from_numpy(arr)[None]
+        return resize_center_crop(x, shown["target"])[0] if shown["target"] is not None else x[0]
 
     got = _decode_selected(path, pts, indices, keep)
     missing = sorted(set(indices) - set(got))
@@ -326,7 +333,7 @@ def read_video(path: str | os.PathLike, fps: float | None = None, num_frames: in
     frames = torch.stack([got[i] for i in indices])
     out_fps = cfg.fps if cfg.fps is not None else src_fps
     info = ClipInfo(str(path), "video", src_fps, out_fps, indices, [secs[i] for i in indices],
-                    (h, w), tuple(frames.shape[1:3]), len(secs))
+                    tuple(shown.get("size") or (h, w)), tuple(frames.shape[1:3]), len(secs))
     return frames, info
 
 

@@ -107,6 +107,26 @@ def test_fps_resampling_all_frames_and_mid_video_seek(tmp_path: Path) -> None:
     assert info.frame_indices == list(range(95, 104)) == decode_indices(frames)
 
 
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_display_rotation_is_applied(tmp_path: Path, degrees: int) -> None:
+    path = tmp_path / "phone.mov"  # phones store landscape frames plus a display matrix
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(degrees)
+        for f in coded_frames(5):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode(None))
+    frames, info = read_video(path)
+    shown = (32, 64) if degrees == 180 else (64, 32)
+    assert info.original_size == shown and frames.shape[1:3] == shown
+    k = degrees // 90  # counter-clockwise quarter turns
+    assert decode_indices(torch.from_numpy(np.rot90(frames.numpy(), -k, axes=(1, 2)).copy())) == list(range(5))
+    # frame 1 has only its top-left block white: where does that corner end up on screen?
+    corner = {90: (-1, 0), -90: (0, -1), 180: (-1, -1)}[degrees]
+    assert frames[1, corner[0], corner[1]].min() > 200 and frames[1, 0, 0].max() < 50
+
+
 def test_num_frames_must_be_4k_plus_1(tmp_path: Path) -> None:
     for bad in (0, 2, 8, 16, 80):
         with pytest.raises(ValueError, match="4k\\+1"):
