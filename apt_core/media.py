@@ -129,8 +129,9 @@ def sample_clip(timestamps: Sequence[float], fps: float | None = None, num_frame
     """Pick source frame indices for a clip: targets ``t0 + k/fps``, each mapped to the nearest frame.
 
     ``timestamps`` are sorted source presentation times (seconds). The clip starts on a source frame
-    (first, centre or rng-chosen among those that leave room for the whole clip) and never runs past
-    the last frame. fps=None keeps consecutive source frames; num_frames=None takes all that fit.
+    (first, centre, or for start="random" drawn from rng, among those that leave room for the whole
+    clip) and never runs past the last frame. fps=None keeps consecutive source frames;
+    num_frames=None takes all that fit.
     Raises ClipTooShortError when the source cannot hold num_frames.
     """
     ts = [float(t) for t in timestamps]
@@ -161,8 +162,8 @@ def sample_clip(timestamps: Sequence[float], fps: float | None = None, num_frame
 
 
 def _pick_start(count: int, start: str, rng) -> int:
-    """Index in [0, count) for the clip start."""
-    if rng is not None:
+    """Index in [0, count) for the clip start: 0, the middle, or drawn from rng for "random"."""
+    if start == "random":
         if isinstance(rng, np.random.Generator):
             return int(rng.integers(0, count))
         return rng.randrange(count)
@@ -624,6 +625,8 @@ def iter_decoded(items: Iterable[MediaItem], config: DecodeConfig | None = None,
                  rng: random.Random | np.random.Generator | None = None) -> Iterator[DecodedClip]:
     """Decode items one by one; a file that fails is logged, recorded in ``report`` and skipped."""
     cfg = config or DecodeConfig()
+    if cfg.start == "random" and rng is None:  # a config error, not a per-file one: fail before the loop
+        raise ValueError("DecodeConfig.start='random' needs an rng (random.Random or numpy Generator)")
     report = report if report is not None else DecodeReport(title="decode")
     for item in items:
         try:

@@ -149,15 +149,19 @@ def test_start_modes_and_rng(tmp_path: Path) -> None:
     assert centre.frame_indices == [22, 23, 24, 25, 26]  # 46 valid starts, centre (46-1)//2 = 22
     starts = []
     for seed in range(6):
-        a, info_a = read_video(path, fps=12.5, num_frames=9, rng=random.Random(seed))
-        _, info_b = read_video(path, fps=12.5, num_frames=9, rng=random.Random(seed))
+        a, info_a = read_video(path, fps=12.5, num_frames=9, start="random", rng=random.Random(seed))
+        _, info_b = read_video(path, fps=12.5, num_frames=9, start="random", rng=random.Random(seed))
         assert info_a.frame_indices == info_b.frame_indices == decode_indices(a)
         s = info_a.frame_indices[0]
         assert info_a.frame_indices == list(range(s, s + 17, 2)) and s + 16 <= 49
         starts.append(s)
     assert len(set(starts)) > 1
-    _, info_np = read_video(path, num_frames=5, rng=np.random.default_rng(3))
+    _, info_np = read_video(path, num_frames=5, start="random", rng=np.random.default_rng(3))
     assert 0 <= info_np.frame_indices[0] <= 45
+    _, info_first = read_video(path, num_frames=5, rng=random.Random(0))  # rng alone does not randomise
+    assert info_first.frame_indices == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="needs an rng"):
+        list(iter_decoded([MediaItem(path, "x")], DecodeConfig(start="random")))
     with pytest.raises(ValueError, match="rng"):
         sample_clip([0.0, 0.1], num_frames=1, start="random")
 
