@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
-        k = next(k for k in range(len(self.readers)) if i < self._offsets[k + 1])
+        k = bisect_right(self._offsets, i) - 1
         return self.readers[k][i - self._offsets[k]]
 
 
