@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
@@ -122,8 +121,11 @@ class CheckpointManager:
         # each rank stores its own generator state under its own key (DCP keeps every rank's entry)
         return {**state, "rng": {f"rank{self.world.rank}": rng_state()}}
 
-    def save(self, step: int, state: Mapping[str, Any], files: Mapping[str, str] | None = None) -> Path:
-        """Write `state` (+ per-rank RNG) as `step-N/` atomically; `files` = extra text files (config.toml)."""
+    def save(
+        self, step: int, state: Mapping[str, Any], files: Mapping[str, str] | None = None, info: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Write `state` (+ per-rank RNG) as `step-N/` atomically; `files` = extra text files (config.toml),
+        `info` = JSON fields for the COMPLETE marker (readable without loading: `read_info`)."""
         final = self.dir / f"step-{step}"
         tmp = self.dir / f"step-{step}.tmp"
         if self.world.is_main:
@@ -135,7 +137,7 @@ class CheckpointManager:
         if self.world.is_main:
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
-            marker = {"step": step, "world_size": self.world.world_size, "time": time.time()}
+            marker = {**(info or {}), "step": step, "world_size": self.world.world_size, "time": time.time()}
             with open(tmp / COMPLETE, "w") as f:
                 json.dump(marker, f)
                 f.flush()
@@ -186,13 +188,10 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(m.group(1))
 
 
-def world_size_of(path: str | os.PathLike) -> int | None:
-    """World size recorded in a checkpoint's COMPLETE marker."""
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON of a checkpoint's COMPLETE marker (step, world_size, time and the `info` given to save)."""
+    marker = Path(path) / COMPLETE
     try:
-        return int(json.loads((Path(path) / COMPLETE).read_text())["world_size"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+        return json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{marker}: missing or unreadable ({e}); {path} is not a complete checkpoint") from e

@@ -84,10 +84,11 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
 
 
-def destroy() -> None:
-    """Leave the process group (after a final barrier) if one is up."""
+def destroy(barrier: bool = True) -> None:
+    """Leave the process group (after a final barrier unless `barrier=False`, e.g. on an error) if one is up."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

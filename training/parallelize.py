@@ -104,11 +104,16 @@ def materialize(
 
 
 def parallelize(
-    model: nn.Module, full_state: Mapping[str, torch.Tensor] | None, cfg: ParallelSection, world: World
+    model: nn.Module,
+    full_state: Mapping[str, torch.Tensor] | None,
+    cfg: ParallelSection,
+    world: World,
+    wrap_ddp: bool = True,
 ) -> nn.Module:
     """AC -> compile -> FSDP (sharded while on meta) -> materialise; or materialise -> AC -> compile -> DDP.
 
-    `model` is built on the meta device; returns the module to train (a DDP wrapper for `ddp`).
+    `model` is built on the meta device; returns the module to train (a DDP wrapper for `ddp`, unless
+    `wrap_ddp=False`: frozen models such as the CD teacher are then simply replicated).
     """
     if cfg.strategy == "none" and world.world_size > 1:
         raise ValueError(f"parallel.strategy='none' runs on 1 process only, got world size {world.world_size}; use fsdp or ddp")
@@ -120,7 +125,7 @@ def parallelize(
         apply_fsdp(model, world, dtype=param_dtype(cfg, world.device), reduce_dtype=torch.float32)
         return materialize(model, full_state, world)
     materialize(model, full_state, world)
-    return apply_ddp(model, world) if cfg.strategy == "ddp" else model
+    return apply_ddp(model, world) if cfg.strategy == "ddp" and wrap_ddp else model
 
 
 def autocast_dtype(cfg: ParallelSection, device: torch.device) -> str | None:

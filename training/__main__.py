@@ -1,0 +1,71 @@
+"""`python -m training --config FILE.toml [--resume] [--section.key=value ...]` (also `apt-train`).
+
+The same command runs as one process or under `torchrun --nproc-per-node N` (and multi-node
+rendezvous, or SLURM's srun): the process group is joined with env://, gloo on CPU and nccl on
+CUDA. See docs/TRAINING.md for the config schema, checkpoint layout, export and monitoring files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from training.config import ConfigError, dumps, load_config, split_override_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="apt-train",
+        description="Headless APT training: teacher (flow matching), cd (consistency distillation) or apt stages.",
+        epilog="Any other --section.key=value overrides that config key, e.g. --apt.lr=1e-5 --run.dir=runs/x.",
+    )
+    p.add_argument("--config", required=True, help="TOML run config (see configs/ and docs/TRAINING.md)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="resume from the newest complete checkpoint of run.dir (or the given step-N folder); "
+        "a run dir that already has one resumes automatically",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("--export-only", action="store_true", help="load the newest checkpoint, export the generator, exit")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Known flags plus the `--section.key=value` overrides (validated later by load_config)."""
+    args, rest = build_parser().parse_known_args(argv)
+    return args, split_override_args(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the process exit code."""
+    try:
+        args, overrides = parse_args(argv)
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"apt-train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dumps(cfg), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from training.distributed import destroy
+    from training.loop import train
+
+    ok = False
+    try:
+        result = train(cfg, resume=args.resume, export_only=args.export_only)
+        ok = True
+    finally:
+        destroy(barrier=ok)  # no barrier after an error: the other ranks may never reach it
+    if result.get("export"):
+        logging.getLogger("apt-train").info("exported %s", result["export"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""The training stages (teacher, cd, apt) and the loop that runs them with checkpoints and monitoring.
+
+A stage owns its models, optimisers and EMA and has one `step(step, batch) -> metrics` method. All
+random draws of a step come from per-sample seeds (training.distributed), so the same config gives
+the same losses at any world size with the same global batch. APT runs two phases, as in the paper:
+images, then video with G initialised from the image phase's EMA and D re-initialised from the
+ORIGINAL diffusion weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from apt_core.backbone import WanCond, WanFlowModel, index_cond, unwrap
+from apt_core.discriminator import APTDiscriminator
+from apt_core.ema import EMA
+from apt_core.flow import add_noise, generate_one_step, sample_timesteps
+from apt_core.lora import inject_lora
+from apt_core.models.io import config_from_metadata, infer_wan_config, load_state_dict_file, read_metadata
+from apt_core.models.wan import WanConfig, get_config
+from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, make_rmsprop
+from training import distributed as D
+from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState, read_info
+from training.config import RunConfig, dumps, save_config
+from training.data import Batch, BucketedLoader, ShardDataset
+from training.export import export_generator
+from training.monitor import CollapseDetector, MetricsLogger, Validator
+from training.parallelize import autocast_dtype, parallelize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase:
+    """A stretch of steps with one dataset and one set of hyper-parameters (apt: image / video)."""
+
+    name: str
+    start: int  # global step before the phase's first step
+    steps: int
+    data: str
+    micro_batch: int
+    grad_accum: int
+    index: int
+    apt: Any = None  # config.APTPhase for the apt phases
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def plan_phases(cfg: RunConfig) -> list[Phase]:
+    """The phases of the configured stage, with global step ranges."""
+    d = cfg.data
+    if cfg.run.stage != "apt":
+        return [Phase(cfg.run.stage, 0, cfg.run.steps, d.path, d.micro_batch, d.grad_accum, 0)]
+    phases, start = [], 0
+    for i, name in enumerate(("image", "video")):
+        p = getattr(cfg.apt, name)
+        if p.steps:
+            phases.append(Phase(name, start, p.steps, p.data or d.path, p.micro_batch or d.micro_batch,
+                                p.grad_accum or d.grad_accum, i, p))
+            start += p.steps
+    return phases
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: meta build -> parallelize -> weights broadcast from rank 0
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_wan_config(cfg: RunConfig) -> WanConfig:
+    """The architecture: from model.init_from (its metadata, else its shapes) or the preset."""
+    overrides = {"in_dim": cfg.model.in_dim, "out_dim": cfg.model.in_dim} if cfg.model.in_dim else {}
+    path = cfg.model.init_from
+    if not path:
+        return get_config(cfg.model.preset, **overrides)
+    found = config_from_metadata(read_metadata(path), path)
+    if found is None:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        try:
+            found = infer_wan_config(shapes)
+        except ValueError:  # head_dim != 128: take the head count from the preset
+            found = infer_wan_config(shapes, num_heads=get_config(cfg.model.preset).num_heads)
+    return found
+
+
+def _seeded(seed: int):
+    ctx = torch.random.fork_rng(devices=[])
+    ctx.__enter__()
+    torch.manual_seed(seed)
+    return ctx
+
+
+def base_weights(config: WanConfig, path: str, seed: int) -> dict[str, torch.Tensor]:
+    """Full Wan weights on CPU (rank 0): from a safetensors file, else a seeded fresh init."""
+    if path:
+        return load_state_dict_file(path)
+    ctx = _seeded(seed)
+    try:
+        return WanFlowModel(config).state_dict()
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, path: str, lora: bool, trainable: bool) -> nn.Module:
+    """A (possibly LoRA) Wan flow model, parallelised, with rank 0's weights (path or seeded init)."""
+    rank, alpha = cfg.model.lora_rank, cfg.model.lora_alpha or None
+    with torch.device("meta"):
+        model = WanFlowModel(config)
+    if lora:
+        inject_lora(model, rank, alpha)
+    full = None
+    if world.is_main:
+        with torch.device("meta"):
+            ref = WanFlowModel(config)
+        ref.load_state_dict(base_weights(config, path, cfg.run.seed), assign=True)
+        if lora:
+            ctx = _seeded(cfg.run.seed + 1)
+            try:
+                inject_lora(ref, rank, alpha)
+            finally:
+                ctx.__exit__(None, None, None)
+        full = ref.state_dict()
+    if not trainable:
+        model.requires_grad_(False)
+    return parallelize(model, full, cfg.parallel, world, wrap_ddp=trainable)
+
+
+def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase: Phase) -> nn.Module:
+    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from) + fresh seeded heads."""
+    a = cfg.apt
+    kwargs = dict(head_layers=a.head_layers or None, mode=a.disc_mode, timestep_shift=phase.apt.d_timestep_shift,
+                  lora_rank=a.disc_lora_rank, copy_backbone=False)
+    with torch.device("meta"):
+        backbone = WanFlowModel(config)
+    disc = APTDiscriminator(backbone, **kwargs)
+    full = None
+    if world.is_main:
+        with torch.device("meta"):
+            ref_backbone = WanFlowModel(config)
+        ref_backbone.load_state_dict(base_weights(config, cfg.model.init_from, cfg.run.seed), assign=True)
+        ctx = _seeded(cfg.run.seed + 2)
+        try:
+            full = APTDiscriminator(ref_backbone, **kwargs).state_dict()
+        finally:
+            ctx.__exit__(None, None, None)
+    return parallelize(disc, full, cfg.parallel, world)
+
+
+def _cond(batch: Batch) -> WanCond:
+    """Text context with rows past each sample's text_len zeroed (Wan pads with zeros)."""
+    ctx = batch.text_emb.float()
+    mask = torch.arange(ctx.shape[1], device=ctx.device)[None, :] < batch.text_len.to(ctx.device)[:, None]
+    return WanCond(ctx * mask[..., None])
+
+
+def _per_sample_t(seed: int, step: int, idx: list[int], stream: str, dev: torch.device, **kw) -> torch.Tensor:
+    """Timesteps [B], one per global sample index, through apt_core.flow.sample_timesteps."""
+    ts = [sample_timesteps(1, generator=torch.Generator().manual_seed(D.sample_seed(seed, step, i, stream)), **kw) for i in idx]
+    return torch.cat(ts).to(dev)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+
+class Stage:
+    """Common parts: the generator being trained, its EMA, checkpoint state and export naming."""
+
+    export_name = "model"
+    generator: nn.Module
+    ema: EMA | None = None
+
+    def __init__(self, cfg: RunConfig, world: D.World, config: WanConfig):
+        self.cfg, self.world, self.config = cfg, world, config
+        self.seed = cfg.run.seed
+        self.amp = autocast_dtype(cfg.parallel, world.device)
+
+    def begin_phase(self, phase: Phase, first: bool) -> None:
+        self.phase = phase
+
+    def state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def noise(self, batch: Batch, step: int, stream: str) -> torch.Tensor:
+        """Per-sample Gaussian noise shaped like the batch's latents."""
+        return D.per_sample_randn(tuple(batch.latent.shape[1:]), self.seed, step, self._idx(batch), stream, self.world.device)
+
+    def _idx(self, batch: Batch) -> list[int]:
+        return D.global_indices(self.world, len(batch))
+
+    def _trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def _ema(self, decay: float) -> EMA | None:
+        return EMA(self.generator, decay) if decay > 0 else None
+
+
+class TeacherStage(Stage):
+    """Flow matching: `MSE(v(x_t, t, c), eps - x0)` with logit-normal / shifted / uniform t."""
+
+    export_name = "teacher"
+
+    def begin_phase(self, phase: Phase, first: bool) -> None:
+        super().begin_phase(phase, first)
+        c, t = self.cfg, self.cfg.teacher
+        self.generator = build_flow(c, self.world, self.config, c.model.init_from, bool(c.model.lora_rank), True)
+        self.opt = torch.optim.AdamW(self._trainable(self.generator), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.ema = self._ema(t.ema_decay)
+
+    def state(self) -> dict[str, Any]:
+        s = {"generator": ModelOptimState(self.generator, self.opt)}
+        return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
+
+    def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
+        t_cfg, dev = self.cfg.teacher, self.world.device
+        x0, cond = batch.latent.float(), _cond(batch)
+        eps = self.noise(batch, step, "eps")
+        t = _per_sample_t(self.seed, step, self._idx(batch), "t", dev, kind=t_cfg.timesteps, shift=t_cfg.shift,
+                          logit_mean=t_cfg.logit_mean, logit_std=t_cfg.logit_std)
+        accum = self.phase.grad_accum
+        m = x0.shape[0] // accum
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=dev)
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+        for k in range(accum):
+            sl = slice(k * m, (k + 1) * m)
+            sync = k == accum - 1 or not hasattr(self.generator, "no_sync")  # DDP: all-reduce once per step
+            with (nullcontext() if sync else self.generator.no_sync()), amp:
+                v = self.generator(add_noise(x0[sl], eps[sl], t[sl]), t[sl], index_cond(cond, sl))
+                loss = (v.float() - (eps[sl] - x0[sl])).pow(2).mean()
+            (loss / accum).backward()
+            total += loss.detach()
+        params = self._trainable(self.generator)
+        if t_cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        return {"loss": total / accum, "grad_norm": norm.detach()}
+
+
+class CDStage(Stage):
+    """Consistency distillation of the frozen diffusion model into a one-step student (CDTrainer)."""
+
+    export_name = "cd_student"
+
+    def begin_phase(self, phase: Phase, first: bool) -> None:
+        super().begin_phase(phase, first)
+        c, cd = self.cfg, self.cfg.cd
+        teacher_path = cd.teacher_from or c.model.init_from
+        self.generator = build_flow(c, self.world, self.config, c.model.init_from, bool(c.model.lora_rank), True)
+        self.teacher = build_flow(c, self.world, self.config, teacher_path, False, False)
+        self.opt = torch.optim.AdamW(self._trainable(self.generator), lr=cd.lr, weight_decay=cd.weight_decay)
+        self.ema = self._ema(cd.ema_decay)
+        cdc = CDConfig(steps=cd.grid_steps, shift=cd.grid_shift, cfg_scale=cd.cfg_scale, grad_accum=phase.grad_accum,
+                       autocast_dtype=self.amp)
+        self.trainer = CDTrainer(self.generator, self.teacher, self.opt, cdc, ema=self.ema)
+        self.neg = None
+        if cd.cfg_scale != 1.0:
+            self.neg = load_state_dict_file(cd.negative_embedding)["context"].float() if cd.negative_embedding else None
+
+    def state(self) -> dict[str, Any]:
+        s = {"generator": ModelOptimState(self.generator, self.opt)}
+        return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
+
+    def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
+        dev, idx, n = self.world.device, self._idx(batch), self.cfg.cd.grid_steps
+        cond = _cond(batch)
+        step_index = torch.cat([
+            torch.randint(1, n + 1, (1,), generator=torch.Generator().manual_seed(D.sample_seed(self.seed, step, i, "cd_index")))
+            for i in idx
+        ]).to(dev)
+        neg = None
+        if self.cfg.cd.cfg_scale != 1.0:
+            ctx = cond.context
+            neg_ctx = torch.zeros_like(ctx) if self.neg is None else self.neg.to(dev)[None].expand(ctx.shape[0], -1, -1)
+            neg = WanCond(neg_ctx)
+        return self.trainer.cd_step(batch.latent.float(), cond, neg_cond=neg, eps=self.noise(batch, step, "eps"),
+                                    step_index=step_index)
+
+
+class APTStage(Stage):
+    """Adversarial post-training: alternating 1:1 D and G steps (APTTrainer), EMA of G exported."""
+
+    export_name = "apt_generator"
+
+    def begin_phase(self, phase: Phase, first: bool) -> None:
+        super().begin_phase(phase, first)
+        c, a = self.cfg, self.cfg.apt
+        lr = phase.apt.lr or a.lr
+        if first:
+            g_init = a.generator_init or c.model.init_from
+            self.generator = build_flow(c, self.world, self.config, g_init, bool(c.model.lora_rank), True)
+        else:  # paper: G starts the video phase from the image phase's EMA
+            self.ema.copy_to(self.generator)
+        self.discriminator = None  # free the previous phase's D before building the fresh one
+        self.discriminator = build_discriminator(c, self.world, self.config, phase)
+        self.opt_g = make_rmsprop(self._trainable(self.generator), lr)
+        self.opt_d = make_rmsprop(self._trainable(self.discriminator), phase.apt.lr_d or lr)
+        self.ema = EMA(self.generator, a.ema_decay)
+        relativistic = a.loss == "relativistic"
+        acfg = APTConfig(loss=a.loss, r1_lambda=a.r1_lambda, r1_sigma=phase.apt.r1_sigma, r2=relativistic,
+                         r2_lambda=a.r1_lambda, d_timestep_shift=phase.apt.d_timestep_shift,
+                         grad_accum=phase.grad_accum, autocast_dtype=self.amp)
+        self.trainer = APTTrainer(self.generator, self.discriminator, self.opt_g, self.opt_d, acfg, ema=self.ema)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "generator": ModelOptimState(self.generator, self.opt_g),
+            "discriminator": ModelOptimState(self.discriminator, self.opt_d),
+            "ema": ObjectState(self.ema),
+        }
+
+    def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
+        dev, idx, shift = self.world.device, self._idx(batch), self.phase.apt.d_timestep_shift
+        x0, cond = batch.latent.float(), _cond(batch)
+        relativistic = self.cfg.apt.loss == "relativistic"
+        t_d = _per_sample_t(self.seed, step, idx, "t_d", dev, kind="shifted", shift=shift)
+        metrics = self.trainer.d_step(x0, cond, z=self.noise(batch, step, "z_d"), t_d=t_d,
+                                      r1_noise=self.noise(batch, step, "r1"),
+                                      r2_noise=self.noise(batch, step, "r2") if relativistic else None)
+        t_g = _per_sample_t(self.seed, step, idx, "t_g", dev, kind="shifted", shift=shift)
+        metrics |= self.trainer.g_step(cond, z=self.noise(batch, step, "z_g"), t_d=t_g, x_real=x0 if relativistic else None)
+        return metrics
+
+
+STAGES = {"teacher": TeacherStage, "cd": CDStage, "apt": APTStage}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _batches(loader: BucketedLoader, device: torch.device) -> Iterator[Batch]:
+    for batch in loader:
+        yield batch.to(device)
+
+
+def make_validator(cfg: RunConfig, world: D.World, dataset: ShardDataset, run_dir: Path) -> Validator | None:
+    """Fixed prompts (file or the dataset's first samples) x fixed seeds, at the phase's latent shape."""
+    m = cfg.monitor
+    if not m.val_every:
+        return None
+    shape = tuple(dataset.shapes[0])
+    if m.val_prompts:
+        contexts = load_state_dict_file(m.val_prompts)["context"].float()
+    else:
+        samples = [dataset[i] for i in range(min(m.val_num_prompts, len(dataset)))]
+        L = max(s.text_emb.shape[0] for s in samples)
+        contexts = torch.zeros(len(samples), L, samples[0].text_emb.shape[1])
+        for i, s in enumerate(samples):
+            contexts[i, : s.text_len] = s.text_emb[: s.text_len].float()
+    same = [i for i, s in enumerate(dataset.shapes) if tuple(s) == shape][:8]
+    reference = torch.stack([dataset[i].latent.float() for i in same])
+    return Validator(run_dir / "samples", world, contexts, shape, m.val_seeds, reference, m.val_fps)
+
+
+def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogger, detector: CollapseDetector) -> dict:
+    """One-step samples with the EMA weights (if any); logs an event and a diversity warning."""
+    g = stage.generator
+    swap = stage.ema.swap_into(g) if stage.ema is not None else nullcontext()
+    amp = torch.autocast(stage.world.device.type, dtype=torch.bfloat16) if stage.amp else nullcontext()
+    with swap, amp:
+        result = validator.run(lambda z, ctx: generate_one_step(g, z, WanCond(ctx)), step)
+    logger.event(step, "validation", f"samples in {result.get('val_dir', '')}", **result)
+    warning = detector.diversity_warning(result["val_diversity"]) if result["val_diversity"] == result["val_diversity"] else None
+    if warning:
+        logger.event(step, "warning", warning)
+    return result
+
+
+def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False) -> dict[str, Any]:
+    """Run the configured stage to the end (resuming from the newest complete checkpoint if any)."""
+    world = D.init_distributed(cfg.run.device, cfg.parallel.backend)
+    torch.manual_seed(cfg.run.seed + world.rank)
+    run_dir = Path(cfg.run.dir)
+    if world.is_main:
+        save_config(cfg, run_dir / "config.toml")
+    ckpt = CheckpointManager(run_dir, world, keep=cfg.checkpoint.keep)
+    ckpt.clean_partial()
+    start_path = Path(resume) if isinstance(resume, str) else ckpt.latest()
+    if resume is True and start_path is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.dir}")
+    config = resolve_wan_config(cfg)
+    phases = plan_phases(cfg)
+    info = read_info(start_path) if start_path else {"step": 0, "phase": phases[0].name}
+    step = int(info["step"])
+    k = next((i for i, p in enumerate(phases) if p.name == info.get("phase")), 0)
+    stage: Stage = STAGES[cfg.run.stage](cfg, world, config)
+    logger = MetricsLogger(run_dir, world, phases[-1].end, cfg.monitor.log_every, cfg.monitor.progress and not export_only,
+                           cfg.monitor.tensorboard, start_step=step)
+    detector = CollapseDetector(cfg.monitor.collapse_window, cfg.monitor.d_loss_floor, cfg.monitor.diversity_threshold)
+    result: dict[str, Any] = {"world_size": world.world_size, "resumed_from": str(start_path) if start_path else None}
+    lora = cfg.model.lora_rank
+    for i in range(k, len(phases)):
+        phase = phases[i]
+        stage.begin_phase(phase, first=i == k)
+        dataset = ShardDataset(phase.data)
+        loader = BucketedLoader(dataset, phase.micro_batch * phase.grad_accum, world.rank, world.world_size,
+                                seed=cfg.run.seed + phase.index)
+        state = {**stage.state(), "loader": ObjectState(loader)}
+        if i == k and start_path is not None:
+            ckpt.load(start_path, state)
+            log.info("resumed from %s at step %d (%s phase)", start_path, step, phase.name)
+        if export_only:
+            break
+        validator = make_validator(cfg, world, dataset, run_dir)
+        batches = _batches(loader, world.device)
+        while step < phase.end:
+            metrics = stage.step(step, next(batches))
+            step += 1
+            rows = logger.log(step, metrics, phase.name)
+            if rows:
+                warning = detector.observe(rows)
+                if warning:
+                    logger.event(step, "warning", warning)
+            last = step == phase.end
+            if validator is not None and (step % cfg.monitor.val_every == 0 or last):
+                logger.flush()
+                result["validation"] = validate(stage, validator, step, logger, detector)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
+                logger.flush()
+                ckpt.save(step, state, files={"config.toml": dumps(cfg)}, info={"phase": phase.name})
+        if phase.name == "image" and i + 1 < len(phases) and not export_only:
+            export_generator(stage.generator, run_dir / "export", "apt_image_ema", world, config, stage.ema, lora,
+                             cfg.model.lora_alpha or None, cfg.export.dtype, {"step": step, "phase": "image"})
+    logger.close()
+    result["step"] = step
+    result["metrics"] = logger.rows
+    if cfg.export.final or export_only:
+        paths = export_generator(stage.generator, run_dir / "export", stage.export_name, world, config, stage.ema, lora,
+                                 cfg.model.lora_alpha or None, cfg.export.dtype,
+                                 {"stage": cfg.run.stage, "step": step})
+        result["export"] = {k: str(v) for k, v in paths.items()}
+    D.barrier()
+    return result
+
+
+def generator_module(stage: Stage) -> nn.Module:
+    """The bare generator (no DDP wrapper)."""
+    return unwrap(stage.generator)

@@ -1,0 +1,301 @@
+"""What a run shows: a tqdm bar, metrics.jsonl, optional TensorBoard, validation samples, GAN health.
+
+Step functions return detached 0-d tensors; `MetricsLogger.log` only buffers them. Every
+`log_every` steps one stacked tensor is averaged over ranks and copied to the host (one sync), and
+every buffered step becomes one JSON line. `flush` is collective: every rank calls `log` at the same
+steps. Validation renders one-step samples for fixed prompts and seeds as mp4s and a PNG grid, and
+measures how different the seeds' samples are (mode-collapse check).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.distributed import World, all_reduce_mean
+
+# ComfyUI's Wan 2.1 latent -> RGB preview projection (latent_formats.Wan21): rgb = latent^T W + b.
+WAN21_LATENT_RGB = [
+    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
+    [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
+    [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
+    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
+]
+WAN21_LATENT_RGB_BIAS = [-0.1835, -0.0868, -0.3360]
+
+
+def _to_local(v: torch.Tensor) -> torch.Tensor:
+    """A metric as a plain 0-d fp32 tensor (DTensor metrics, e.g. FSDP grad norms, are gathered: collective)."""
+    if hasattr(v, "full_tensor"):
+        v = v.full_tensor()
+    return v.detach().float().reshape(())
+
+
+class MetricsLogger:
+    """Buffer per-step metric tensors; every `log_every` steps reduce over ranks and write them out."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        world: World,
+        total_steps: int,
+        log_every: int = 10,
+        progress: bool = True,
+        tensorboard: bool = False,
+        start_step: int = 0,
+    ):
+        self.world, self.log_every = world, max(1, log_every)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._buffer: list[tuple[int, str, dict[str, torch.Tensor]]] = []
+        self._last_time, self._last_step = time.perf_counter(), start_step
+        self.bar = self.tb = None
+        self.rows: list[dict[str, Any]] = []  # the rows written by the last flush
+        if world.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="apt-train", dynamic_ncols=True)
+            if tensorboard:
+                self.tb = _tensorboard_writer(Path(run_dir) / "tb")
+
+    def log(self, step: int, metrics: dict[str, torch.Tensor], phase: str = "") -> list[dict[str, Any]] | None:
+        """Buffer the metrics of `step` (no host sync); flush every `log_every` steps (returns the rows)."""
+        self._buffer.append((step, phase, metrics))
+        if len(self._buffer) >= self.log_every:
+            return self.flush()
+        return None
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Average the buffered metrics over ranks (one collective + one host copy) and write them."""
+        if not self._buffer:
+            return []
+        keys = sorted({k for _, _, m in self._buffer for k in m})
+        nan = torch.tensor(float("nan"))
+        table = torch.stack(
+            [torch.stack([_to_local(m[k]).cpu() if k in m else nan for k in keys]) for _, _, m in self._buffer]
+        )
+        table = all_reduce_mean(table.to(self.world.device) if self.world.backend == "nccl" else table).cpu()
+        values = table.tolist()
+        now = time.perf_counter()
+        last_step = self._buffer[-1][0]
+        it_s = (last_step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, last_step
+        rows = []
+        for (step, phase, _), vals in zip(self._buffer, values):
+            row: dict[str, Any] = {"step": step}
+            if phase:
+                row["phase"] = phase
+            row.update({k: v for k, v in zip(keys, vals) if not math.isnan(v)})
+            rows.append(row)
+        rows[-1]["it_s"] = it_s
+        self._buffer = []
+        self.rows = rows
+        if self.world.is_main:
+            with open(self.path, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for row in rows:
+                    for k, v in row.items():
+                        if isinstance(v, float):
+                            self.tb.add_scalar(k, v, row["step"])
+            if self.bar is not None:
+                shown = {k: f"{v:.4g}" for k, v in rows[-1].items() if k in _BAR_KEYS}
+                self.bar.set_postfix(shown, refresh=False)
+                self.bar.update(last_step - self.bar.n)
+        return rows
+
+    def event(self, step: int, kind: str, message: str, **fields: Any) -> None:
+        """Write a non-metric line (warnings, validation results) to metrics.jsonl and the console (rank 0)."""
+        if not self.world.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "event": kind, "message": message, **fields}) + "\n")
+        if kind == "warning":
+            warnings.warn(f"step {step}: {message}", RuntimeWarning, stacklevel=2)
+        if self.bar is not None:
+            self.bar.write(f"[step {step}] {kind}: {message}")
+
+    def close(self) -> None:
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+_BAR_KEYS = ("loss", "d_loss", "g_loss", "d_acc", "logits_real", "logits_fake", "it_s")
+
+
+def _tensorboard_writer(path: Path):
+    """A SummaryWriter, or None (with a warning) if tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("monitor.tensorboard = true but tensorboard is not installed; pip install tensorboard", stacklevel=2)
+        return None
+    return SummaryWriter(str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# GAN health
+# ----------------------------------------------------------------------------------------------
+
+
+class CollapseDetector:
+    """Warn when the D loss stays near zero for a window (D wins -> G collapses to flat plates) or the
+    samples of different seeds become near-identical (mode collapse)."""
+
+    def __init__(self, window: int = 50, d_loss_floor: float = 0.01, diversity_threshold: float = 0.05):
+        self.window, self.floor, self.threshold = window, d_loss_floor, diversity_threshold
+        self._d_losses: deque[float] = deque(maxlen=max(1, window))
+        self._warned_at = -(10**9)
+
+    def observe(self, rows: list[dict[str, Any]]) -> str | None:
+        """Feed logged rows; a warning message once the last `window` D losses are all below the floor."""
+        msg = None
+        for row in rows:
+            if "d_loss" not in row:
+                continue
+            self._d_losses.append(row["d_loss"])
+            full = len(self._d_losses) == self._d_losses.maxlen
+            if full and max(self._d_losses) < self.floor and row["step"] - self._warned_at >= self.window:
+                self._warned_at = row["step"]
+                msg = (
+                    f"D loss below {self.floor} for {self.window} steps (max {max(self._d_losses):.2e}): D is winning, "
+                    "G tends to collapse (raise apt.r1_lambda, lower apt.lr, or pick an earlier EMA checkpoint)"
+                )
+        return msg
+
+    def diversity_warning(self, diversity: float) -> str | None:
+        if diversity < self.threshold:
+            return (
+                f"samples of different seeds are near-identical (pairwise distance {diversity:.3f} of the real "
+                f"data's < {self.threshold}): mode collapse (use a larger global batch)"
+            )
+        return None
+
+
+def pairwise_distance(x: torch.Tensor) -> float:
+    """Mean L2 distance between all pairs of rows of x [N, ...] (0 for N < 2)."""
+    flat = x.flatten(1).double()
+    if flat.shape[0] < 2:
+        return 0.0
+    d = torch.cdist(flat, flat)
+    n = flat.shape[0]
+    return float(d.sum() / (n * (n - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation samples
+# ----------------------------------------------------------------------------------------------
+
+
+def preview_rgb(x: torch.Tensor, upscale: int = 8) -> np.ndarray:
+    """[C, F, H, W] -> uint8 frames [F, H*up, W*up, 3]: Wan latents through ComfyUI's fixed 16->3
+    projection, pixels ([-1, 1], C = 3) directly, other channel counts by their first 3 channels."""
+    x = x.detach().float().cpu()
+    c = x.shape[0]
+    if c == 16:
+        w, b = torch.tensor(WAN21_LATENT_RGB), torch.tensor(WAN21_LATENT_RGB_BIAS)
+        rgb = torch.einsum("cfhw,cr->frhw", x, w) + b[None, :, None, None]
+    elif c >= 3:
+        rgb = x[:3].permute(1, 0, 2, 3)
+    else:
+        rgb = x[:1].expand(3, *x.shape[1:]).permute(1, 0, 2, 3)
+    rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [F, 3, H, W]
+    if upscale > 1:
+        rgb = rgb.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
+    return rgb.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def save_grid(frames: list[list[np.ndarray]], path: Path) -> Path:
+    """PNG grid: one row per prompt, one column per seed (first frame of each sample), 2 px gutters."""
+    from PIL import Image
+
+    h, w = frames[0][0].shape[1:3]
+    rows, cols, gap = len(frames), max(len(r) for r in frames), 2
+    canvas = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, 3), 255, np.uint8)
+    for i, row in enumerate(frames):
+        for j, clip in enumerate(row):
+            canvas[gap + i * (h + gap) : gap + i * (h + gap) + h, gap + j * (w + gap) : gap + j * (w + gap) + w] = clip[0]
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(canvas).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int) -> Path:
+    """Encode uint8 frames [F, H, W, 3] through PyAV (apt_core.media.write_video)."""
+    from apt_core.media import write_video
+
+    return write_video(path, frames, fps=fps, overwrite=True)
+
+
+class Validator:
+    """One-step samples for fixed prompt embeddings x fixed seeds; all ranks run G, rank 0 writes files."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        world: World,
+        contexts: torch.Tensor,
+        latent_shape: tuple[int, ...],
+        seeds: list[int],
+        reference: torch.Tensor | None = None,
+        fps: int = 16,
+    ):
+        if contexts.ndim != 3:
+            raise ValueError(f"validation prompt embeddings must be [P, L, D], got shape {tuple(contexts.shape)}")
+        self.out_dir, self.world, self.fps = Path(out_dir), world, fps
+        self.contexts, self.latent_shape, self.seeds = contexts, tuple(latent_shape), list(seeds)
+        # fixed noise, independent of the world size and of the step
+        self.noise = torch.stack(
+            [torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(s)) for s in self.seeds]
+        )
+        ref = reference if reference is not None and reference.shape[0] >= 2 else self.noise
+        self.reference_distance = pairwise_distance(ref)
+
+    @torch.no_grad()
+    def run(self, generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], step: int) -> dict[str, Any]:
+        """`generate(z [N, C, F, H, W], context [N, L, D]) -> x0` on this rank's device; returns metrics."""
+        p, s = self.contexts.shape[0], len(self.seeds)
+        dev = self.world.device
+        z = self.noise.repeat(p, 1, 1, 1, 1).to(dev)  # prompt-major: [p0s0, p0s1, ..., p1s0, ...]
+        ctx = self.contexts.repeat_interleave(s, dim=0).to(dev)
+        x = generate(z, ctx).float().cpu().view(p, s, *self.latent_shape)
+        diversity = [pairwise_distance(x[i]) / max(self.reference_distance, 1e-12) for i in range(p)]
+        result = {
+            "val_diversity": float(np.mean(diversity)) if s >= 2 else float("nan"),
+            "val_mean": float(x.mean()),
+            "val_std": float(x.std()),
+            "val_finite": bool(torch.isfinite(x).all()),
+        }
+        if self.world.is_main:
+            folder = self.out_dir / f"step-{step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            grid = []
+            for i in range(p):
+                row = []
+                for j, seed in enumerate(self.seeds):
+                    frames = preview_rgb(x[i, j])
+                    write_mp4(folder / f"prompt{i}_seed{seed}.mp4", frames, self.fps)
+                    row.append(frames)
+                grid.append(row)
+            save_grid(grid, folder / "grid.png")
+            from safetensors.torch import save_file
+
+            save_file({"samples": x.contiguous()}, str(folder / "samples.safetensors"))  # raw outputs, to VAE-decode later
+            result["val_dir"] = str(folder)
+        return result
