@@ -1,0 +1,351 @@
+"""ComfyUI <-> apt_core adaptation: the two callables of the APT algorithm over a ComfyUI MODEL.
+
+The APT algorithm sees `velocity(x_t, t, cond)` and `features(x, t, cond, layers)` (docs/DESIGN.md).
+A ComfyUI MODEL (a `comfy.model_patcher.ModelPatcher`) provides them in two ways:
+
+- `ComfyFlowModel`: calls `patcher.model.diffusion_model` itself (ComfyUI's Wan, with the patches
+  ComfyUI applied when it loaded the model), `timestep = t * model_sampling.multiplier` (1000 for
+  Wan), block outputs tapped through ComfyUI's `patches_replace["dit"][("double_block", i)]` hook,
+  which also gives per-block activation checkpointing without touching the module. Used frozen: the
+  consistency-distillation teacher and a frozen discriminator backbone. Nothing is copied.
+- `trainable_wan`: an independent `apt_core` `WanFlowModel` built from the MODEL's *effective*
+  weights (base + every weight patch, e.g. a LoRA), for anything whose weights train (generator,
+  LoRA / full discriminator backbone). The input MODEL is never modified; results go back as a
+  patched clone (`with_lora`, `with_weights`).
+
+Latents: a LATENT holds raw VAE latents; the diffusion model sees `latent_format.process_in(x)`
+("model space"). Training data (shards) and the callables above live in model space.
+ComfyUI modules are imported lazily, inside functions: this module imports without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+WAN_TEXT_DIM = 4096
+WAN_LATENT_CHANNELS = 16
+ATTACHMENT = "apt"  # ModelPatcher attachment key carrying what APT trained (see AptWeights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks with actionable messages (pure functions, so they are testable without ComfyUI)
+# ----------------------------------------------------------------------------------------------
+
+
+def family_problem(base_model: str, unet_config: dict) -> str | None:
+    """Why a MODEL is not a supported family (Wan 2.1 text-to-video), or None if it is."""
+    how = "Load a Wan 2.1 T2V diffusion model (e.g. wan2.1_t2v_1.3B_fp16.safetensors) with 'Load Diffusion Model' (UNETLoader)."
+    if base_model != "WAN21":
+        return f"APT nodes support Wan 2.1 text-to-video models (ComfyUI model class WAN21); this MODEL is a {base_model}. {how}"
+    kind = unet_config.get("model_type", "t2v")
+    in_dim = unet_config.get("in_dim", WAN_LATENT_CHANNELS)
+    if kind != "t2v" or in_dim != WAN_LATENT_CHANNELS:
+        return (
+            f"APT nodes support Wan 2.1 text-to-video only; this WAN21 MODEL is model_type={kind!r} with "
+            f"in_dim={in_dim} (image-to-video / control variants are not supported). {how}"
+        )
+    return None
+
+
+def latent_problem(shape: Sequence[int], channels: int = WAN_LATENT_CHANNELS, patch: tuple[int, int, int] = (1, 2, 2)) -> str | None:
+    """Why a LATENT of this shape cannot feed a Wan 2.1 model, or None if it can."""
+    shape = tuple(int(s) for s in shape)
+    fix = "Use EmptyHunyuanLatentVideo (width/height multiples of 16; length 1 for an image) or a Wan 2.1 VAE encode."
+    if len(shape) != 5:
+        return f"LATENT 'samples' has shape {list(shape)} (rank {len(shape)}); a Wan 2.1 model needs [B, {channels}, F, H, W] (rank 5). {fix}"
+    if shape[1] != channels:
+        return f"LATENT 'samples' has {shape[1]} channels (shape {list(shape)}); a Wan 2.1 model needs {channels}. {fix}"
+    bad = [f"{ax}={n}" for ax, n, p in zip("FHW", shape[2:], patch) if n % p]
+    if bad:
+        return f"LATENT 'samples' shape {list(shape)}: {', '.join(bad)} not divisible by the patch size {list(patch)}. {fix}"
+    return None
+
+
+def context_problem(shape: Sequence[int], text_dim: int = WAN_TEXT_DIM) -> str | None:
+    """Why a CONDITIONING tensor cannot feed a Wan 2.1 model, or None if it can."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or shape[2] != text_dim:
+        return (
+            f"CONDITIONING tensor has shape {list(shape)}; Wan 2.1 needs [B, L, {text_dim}] (umT5-XXL). "
+            "Encode the prompt with CLIPLoader(type=wan) + CLIPTextEncode."
+        )
+    return None
+
+
+def check_model(model: Any) -> None:
+    """Raise ValueError unless `model` is a ComfyUI MODEL of a Wan 2.1 T2V network."""
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "diffusion_model"):
+        raise ValueError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
+    cfg = dict(getattr(getattr(base, "model_config", None), "unet_config", {}) or {})
+    problem = family_problem(type(base).__name__, cfg)
+    if problem:
+        raise ValueError(problem)
+
+
+def check_latent(model: Any, samples: torch.Tensor) -> torch.Tensor:
+    """The LATENT samples made fit for the model (empty latents get its channels), or a ValueError."""
+    import comfy.sample
+
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    problem = latent_problem(samples.shape, model.get_model_object("latent_format").latent_channels)
+    if problem:
+        raise ValueError(problem)
+    return samples
+
+
+def conditioning_context(conditioning: list, batch: int | None = None) -> torch.Tensor:
+    """The text context [B, L, 4096] of a CONDITIONING (first entry), repeated to `batch` if given."""
+    if not conditioning:
+        raise ValueError("CONDITIONING is empty; connect a CLIPTextEncode output")
+    ctx = conditioning[0][0]
+    problem = context_problem(ctx.shape)
+    if problem:
+        raise ValueError(problem)
+    if batch is not None and ctx.shape[0] != batch:
+        ctx = ctx[:1].expand(batch, -1, -1) if ctx.shape[0] == 1 else ctx.repeat_interleave(-(-batch // ctx.shape[0]), 0)[:batch]
+    return ctx
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent space
+# ----------------------------------------------------------------------------------------------
+
+
+def to_model_space(model: Any, samples: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents (a LATENT's samples) -> what the diffusion model sees (`process_in`)."""
+    return model.get_model_object("latent_format").process_in(samples)
+
+
+def to_latent_space(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """Model-space latents -> raw VAE latents for a LATENT (`process_out`)."""
+    return model.get_model_object("latent_format").process_out(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen callables through ComfyUI's own diffusion model
+# ----------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised after the deepest tapped block: the rest of the network is not run."""
+
+
+class ComfyFlowModel(nn.Module):
+    """The flow-model protocol over a ComfyUI MODEL's `diffusion_model` (no copy; used frozen).
+
+    `forward(x_t, t, cond)` -> velocity (fp32), x_t in model space, t [B] in [0, 1];
+    `features(x, t, cond, layers)` -> block outputs [B, tokens, dim] after 0-based blocks `layers`.
+    `cond` is a context tensor [B, L, 4096] (or anything with `.context` / `["context"]`); it is
+    zero-padded to the model's text length (512), as the public Wan code and umT5 encoding do.
+    """
+
+    def __init__(self, patcher: Any, gradient_checkpointing: bool = False):
+        super().__init__()
+        check_model(patcher)
+        self.patcher = patcher
+        self.diffusion_model = patcher.model.diffusion_model  # registered: parameters(), device, dtype
+        dm = self.diffusion_model
+        ms = patcher.get_model_object("model_sampling")
+        self.timestep_scale = float(getattr(ms, "multiplier", 1000.0))
+        self.text_len = int(getattr(dm, "text_len", 512))
+        self.config = SimpleNamespace(dim=int(dm.dim), num_heads=int(dm.num_heads), num_layers=len(dm.blocks))
+        self.gradient_checkpointing = gradient_checkpointing
+
+    num_layers = property(lambda self: self.config.num_layers)
+    hidden_dim = property(lambda self: self.config.dim)
+
+    def load(self) -> ComfyFlowModel:
+        """Have ComfyUI load the weights (with their patches) onto its compute device."""
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([self.patcher])
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.patcher.load_device
+
+    def compute_dtype(self) -> torch.dtype:
+        base = self.patcher.model
+        return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+
+    def _context(self, cond: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx = cond.context if hasattr(cond, "context") else cond["context"] if isinstance(cond, dict) else cond
+        problem = context_problem(ctx.shape)
+        if problem:
+            raise ValueError(problem)
+        if ctx.shape[1] < self.text_len:
+            ctx = nn.functional.pad(ctx, (0, 0, 0, self.text_len - ctx.shape[1]))
+        return ctx.to(device=x.device, dtype=self.compute_dtype())
+
+    def _run_block(self, original, args: dict) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(lambda img: original({**args, "img": img})["img"], args["img"], use_reentrant=False)
+        return original(args)["img"]
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor, cond: Any, replace: dict) -> torch.Tensor:
+        opts = dict(self.patcher.model_options.get("transformer_options", {}))
+        patches = dict(opts.get("patches_replace", {}))
+        patches["dit"] = {**patches.get("dit", {}), **replace}
+        opts["patches_replace"] = patches
+        dtype = self.compute_dtype()
+        out = self.diffusion_model(
+            x.to(dtype), (t * self.timestep_scale).float(), context=self._context(cond, x), transformer_options=opts
+        )
+        return out.float()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        replace = {}
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            def block(args, extra):
+                return {"img": self._run_block(extra["original_block"], args)}
+
+            replace = {("double_block", i): block for i in range(self.num_layers)}
+        return self._call(x_t, t, cond, replace)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, cond: Any, layers: Sequence[int]) -> list[torch.Tensor]:
+        layers = [int(i) for i in layers]
+        if not layers or any(not 0 <= i < self.num_layers for i in layers):
+            raise ValueError(f"feature layers {layers} must be non-empty and within [0, {self.num_layers - 1}]")
+        deepest, wanted, feats = max(layers), set(layers), {}
+
+        def tap(i: int):
+            def block(args, extra):
+                out = self._run_block(extra["original_block"], args)
+                if i in wanted:
+                    feats[i] = out
+                if i == deepest:
+                    raise _StopForward
+                return {"img": out}
+
+            return block
+
+        try:
+            self._call(x, t, cond, {("double_block", i): tap(i) for i in range(deepest + 1)})
+        except _StopForward:
+            pass
+        return [feats[i] for i in layers]
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainable copies and results as patched clones
+# ----------------------------------------------------------------------------------------------
+
+
+def effective_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The diffusion model's weights with every ComfyUI weight patch applied, in Wan keys (CPU)."""
+    import comfy.lora
+
+    prefix = "diffusion_model."
+    out = {}
+    for key, patches in model.get_key_patches(prefix).items():
+        weight, convert = patches[0]
+        w = convert(weight.to(device="cpu", dtype=torch.float32, copy=True), inplace=True)
+        if len(patches) > 1:
+            w = comfy.lora.calculate_weight(patches[1:], w, key)
+        out[key[len(prefix):]] = w.to(dtype or weight.dtype) if w.is_floating_point() else w
+    return out
+
+
+def model_signature(model: Any) -> dict[str, tuple[int, ...]]:
+    """Parameter names -> shapes of a MODEL's diffusion model (what 'the same architecture' means)."""
+    return {k: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def trainable_wan(model: Any, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """An independent apt_core WanFlowModel holding the MODEL's effective weights (never shared)."""
+    from apt_core.backbone import WanFlowModel
+    from apt_core.models.io import infer_wan_config, load_into
+
+    check_model(model)
+    sd = effective_state_dict(model, dtype)
+    cfg = infer_wan_config(sd)
+    with torch.device("meta"):
+        flow = WanFlowModel(cfg)
+    load_into(flow, sd, strict=True, source="ComfyUI MODEL")
+    return flow.to(device)
+
+
+@dataclasses.dataclass
+class AptWeights:
+    """What APT put into a MODEL (its attachment): LoRAs in ComfyUI keys, or full Wan weights."""
+
+    loras: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+    full: bool = False
+    patch_count: int = 0  # ModelPatcher patch entries these weights account for
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def apt_weights(model: Any) -> AptWeights | None:
+    """The AptWeights attached to a MODEL by an APT node, if any."""
+    get = getattr(model, "get_attachment", None)
+    return get(ATTACHMENT) if get is not None else None
+
+
+def _attach(model: Any, prev: AptWeights | None, **changes) -> None:
+    base = prev or AptWeights()
+    model.set_attachments(ATTACHMENT, dataclasses.replace(base, **changes))
+
+
+def with_lora(model: Any, lora_sd: dict[str, torch.Tensor], info: dict | None = None) -> Any:
+    """A clone of `model` with a ComfyUI-native LoRA applied (as LoraLoaderModelOnly would)."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(lora_sd, key_map)
+    out = model.clone()
+    added = out.add_patches(patches, 1.0)
+    if len(added) != len(patches) or not patches:
+        missing = sorted(set(map(str, patches)) - set(map(str, added)))[:5]
+        raise ValueError(f"LoRA does not fit this MODEL: {len(patches) - len(added)} of {len(patches)} modules not found (e.g. {missing})")
+    prev = apt_weights(model)
+    _attach(out, prev, loras=[*(prev.loras if prev else []), lora_sd], patch_count=(prev.patch_count if prev else 0) + len(added),
+            info={**(prev.info if prev else {}), **(info or {})})
+    return out
+
+
+def with_weights(model: Any, sd: dict[str, torch.Tensor], info: dict | None = None) -> Any:
+    """A clone of `model` whose diffusion weights are replaced by `sd` (Wan keys) via 'set' patches."""
+    out = model.clone()
+    patches = {f"diffusion_model.{k}": ("set", (v,)) for k, v in sd.items()}
+    added = out.add_patches(patches, 1.0)
+    if len(added) != len(patches):
+        raise ValueError(f"weights do not fit this MODEL: {len(patches) - len(added)} of {len(patches)} keys unknown")
+    prev = apt_weights(model)
+    _attach(out, prev, loras=[], full=True, patch_count=sum(len(v) for v in out.patches.values()),
+            info={**(prev.info if prev else {}), **(info or {})})
+    return out
+
+
+def combine_loras(loras: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One ComfyUI-native LoRA equal to the sum of several: ranks concatenated, scales folded in.
+
+    For each module `sum_i s_i up_i down_i` (s_i = alpha_i / rank_i) = `[s_1 up_1 | s_2 up_2] @
+    [down_1; down_2]`, written with alpha = total rank (scale 1). One LoRA is returned unchanged.
+    """
+    if len(loras) == 1:
+        return dict(loras[0])
+    groups: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for sd in loras:
+        for k, down in sd.items():
+            if not k.endswith(".lora_down.weight"):
+                continue
+            base = k[: -len(".lora_down.weight")]
+            up = sd[f"{base}.lora_up.weight"]
+            alpha = float(sd[f"{base}.alpha"]) if f"{base}.alpha" in sd else float(down.shape[0])
+            groups.setdefault(base, []).append((up.float() * (alpha / down.shape[0]), down.float()))
+    out = {}
+    for base, parts in groups.items():
+        up = torch.cat([u for u, _ in parts], dim=1)
+        down = torch.cat([d for _, d in parts], dim=0)
+        out[f"{base}.lora_up.weight"], out[f"{base}.lora_down.weight"] = up, down
+        out[f"{base}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out

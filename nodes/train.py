@@ -1,0 +1,290 @@
+"""Training nodes: consistency distillation (stage 1), the APT discriminator, adversarial post-training.
+
+Every node leaves its input MODEL untouched (also when stopped): trainable weights live in
+independent copies (`comfy_backbone.trainable_wan`) and results come back as patched clones.
+Memory-lean defaults: LoRA generator, frozen/LoRA discriminator backbone, per-block activation
+checkpointing, bf16 autocast. Runs save their state under output/apt/runs/<run_name>/ and resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .comfy_backbone import check_model, conditioning_context, model_signature
+from .dataset import DATASET_TYPE
+
+CATEGORY = "APT/training"
+DISC_TYPE = "APT_DISCRIMINATOR"
+RUN_DIR = "apt/runs"
+
+_SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of the data order and the training noise."}
+_PRECISION = (["bf16", "fp32"], {"default": "bf16", "tooltip": "bf16: bf16 frozen weights + bf16 autocast, fp32 trainable tensors (GPU). fp32: everything fp32 (CPU always uses fp32)."})
+_CHECKPOINTING = ("BOOLEAN", {"default": True, "tooltip": "Recompute each transformer block in the backward pass: much less activation memory, ~30% slower."})
+_RESUME = ("BOOLEAN", {"default": True, "tooltip": "Continue from the state saved under output/apt/runs/<run_name> if there is one."})
+
+
+def parse_layers(text: str, num_layers: int) -> list[int] | None:
+    """'auto' -> None (the paper's taps scaled to the depth), else comma-separated 0-based block indices."""
+    text = text.strip().lower()
+    if text in ("", "auto"):
+        return None
+    try:
+        layers = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"head_layers {text!r}: write 'auto' or comma-separated block indices, e.g. '12,21,29'") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if not layers or bad or len(set(layers)) != len(layers):
+        raise ValueError(f"head_layers {layers}: need distinct block indices in 0..{num_layers - 1} (this model has {num_layers} blocks)")
+    return layers
+
+
+@dataclasses.dataclass
+class DiscriminatorSpec:
+    """An APT_DISCRIMINATOR: how to build D from the ORIGINAL diffusion MODEL (built inside APT Train)."""
+
+    model: Any
+    head_layers: list[int] | None
+    mode: str
+    lora_rank: int
+    signature: dict
+
+    def check_generator(self, generator: Any) -> None:
+        """ValueError if the generator is not the architecture D was built from."""
+        other = model_signature(generator)
+        diff = sorted(k for k in set(self.signature) | set(other) if self.signature.get(k) != other.get(k))
+        if diff:
+            ex = [f"{k}: D {self.signature.get(k)} vs G {other.get(k)}" for k in diff[:3]]
+            raise ValueError(f"the discriminator was built from a different model than the generator ({len(diff)} tensors differ, "
+                             f"e.g. {ex}). Build APT Discriminator from the base Wan model the generator was distilled from.")
+
+    def build(self, device, dtype, timestep_shift: float, checkpointing: bool):
+        import torch
+
+        from apt_core.discriminator import APTDiscriminator
+
+        from .comfy_backbone import trainable_wan
+
+        backbone = trainable_wan(self.model, device, torch.float32 if self.mode == "full" else dtype)
+        backbone.gradient_checkpointing = checkpointing
+        d = APTDiscriminator(backbone, self.head_layers, self.mode, timestep_shift, self.lora_rank, copy_backbone=False)
+        for m in (d.heads, d.norm_out, d.proj_out):
+            m.to(device=device, dtype=torch.float32)
+        if self.mode == "lora":  # adapters train in fp32 over bf16 frozen weights
+            for m in d.backbone.modules():
+                if hasattr(m, "lora_down"):
+                    m.lora_down.float()
+                    m.lora_up.float()
+        return d
+
+
+def trainable_generator(model: Any, lora_rank: int, device, dtype, checkpointing: bool):
+    """An independent copy of the MODEL's network: LoRA adapters (fp32) on frozen weights, or all fp32."""
+    import torch
+
+    from apt_core.lora import inject_lora
+
+    from .comfy_backbone import trainable_wan
+
+    g = trainable_wan(model, device, dtype if lora_rank else torch.float32)
+    g.gradient_checkpointing = checkpointing
+    if lora_rank:
+        inject_lora(g, lora_rank, lora_dtype=torch.float32)
+    else:
+        g.requires_grad_(True)
+    return g
+
+
+def result_model(model: Any, kind: str, weights: dict, info: dict) -> Any:
+    """The trained weights as a patched clone of `model` (LoRA patches, or 'set' patches for full weights)."""
+    from .comfy_backbone import with_lora, with_weights
+
+    return with_lora(model, weights, info) if kind == "lora" else with_weights(model, weights, info)
+
+
+def validation_inputs(dataset: Any, conditioning: list | None, latent: dict | None, model: Any, device) -> tuple[Any, tuple]:
+    """(condition, latent shape [N, C, F, H, W]) of the validation samples: the given prompt(s) and size,
+    else the first (up to) two dataset samples' text embeddings and the first sample's latent shape."""
+    import torch
+
+    from .comfy_backbone import check_latent
+    from .train_loop import to_cond
+
+    shape = tuple(check_latent(model, latent["samples"]).shape) if latent is not None else (1, *dataset[0].latent.shape)
+    if conditioning is not None:
+        n = max(shape[0], conditioning[0][0].shape[0])
+        ctx = conditioning_context(conditioning, batch=n)
+    else:
+        embs = [dataset[i].text_emb for i in range(min(2, len(dataset)))]
+        length = max(e.shape[0] for e in embs)
+        ctx = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for e in embs])
+        n = ctx.shape[0]
+    return to_cond(ctx.float(), device), (n, *shape[1:])
+
+
+def run_dir(run_name: str):
+    from .comfy_env import output_dir, resolve_path
+
+    return resolve_path(f"{RUN_DIR}/{run_name}", output_dir(), "run_name")
+
+
+class APTConsistencyDistill:
+    DESCRIPTION = ("Stage 1: consistency-distil the diffusion MODEL (teacher) into an initial one-step generator (a LoRA, or all weights). "
+                   "Blurry by design: APT Train sharpens it.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "IMAGE", "STRING")
+    RETURN_NAMES = ("generator", "loss_plot", "report")
+    OUTPUT_TOOLTIPS = ("A patched clone of the teacher: the one-step CD student.", "Training curves.", "Where the state was saved; final metrics.")
+    FUNCTION = "distill"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "teacher": ("MODEL", {"tooltip": "The original Wan 2.1 T2V diffusion model (UNETLoader). It is not modified."}),
+            "dataset": (DATASET_TYPE, {"tooltip": "Shards from APT Dataset From Folder / APT Load Dataset."}),
+            "iterations": ("INT", {"default": 500, "min": 1, "max": 1000000, "tooltip": "Optimiser steps (AAPT: 5k at large batch)."}),
+            "lr": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-2, "step": 1e-6, "round": False, "tooltip": "AdamW learning rate (AAPT: 1e-5, weight decay 0.01)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per step (one latent shape per batch)."}),
+            "grad_accum": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Micro-batches per step: batch_size must be divisible by it; memory scales with batch_size / grad_accum."}),
+            "cd_steps": ("INT", {"default": 32, "min": 1, "max": 1000, "tooltip": "Consistency grid size N (AAPT: 32)."}),
+            "grid_shift": ("FLOAT", {"default": 24.0, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip": "Grid shift s of t_n = shift(n/N, s) (AAPT: 24)."}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "Teacher CFG scale (APT: 7.5 with a negative prompt; 1 = off, one teacher pass)."}),
+            "lora_rank": ("INT", {"default": 32, "min": 0, "max": 1024, "tooltip": "Train a LoRA of this rank (memory-lean); 0 = fine-tune all weights (needs far more memory)."}),
+            "seed": ("INT", _SEED),
+            "precision": _PRECISION,
+            "gradient_checkpointing": _CHECKPOINTING,
+            "run_name": ("STRING", {"default": "cd", "tooltip": "State folder under output/apt/runs/ (resume, checkpoints)."}),
+            "resume": _RESUME,
+        }, "optional": {
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt for the teacher's CFG (needed when cfg > 1)."}),
+        }}
+
+    def distill(self, teacher, dataset, iterations, lr, batch_size, grad_accum, cd_steps, grid_shift, cfg, lora_rank, seed,
+                precision, gradient_checkpointing, run_name, resume, negative=None):
+        import torch
+
+        from .comfy_backbone import ComfyFlowModel
+        from .comfy_env import compute_setup, free_vram, step_reporter, training_mode
+        from .plot import render_metrics
+        from .train_loop import CDRun, CDSettings, export_weights, make_loader, run_loop
+
+        check_model(teacher)
+        neg = conditioning_context(negative) if negative is not None else None
+        device, dtype, amp = compute_setup(precision)
+        s = CDSettings(iterations, lr, 0.01, batch_size, grad_accum, cd_steps, grid_shift, cfg, lora_rank, seed, amp, gradient_checkpointing)
+        torch.manual_seed(seed)
+        with training_mode():
+            free_vram()
+            student = trainable_generator(teacher, lora_rank, device, dtype, gradient_checkpointing)
+            run = CDRun(student, ComfyFlowModel(teacher).load(), make_loader(dataset.path, batch_size, seed), s, device,
+                        run_dir(run_name), None if neg is None else neg.to(device))
+            if resume:
+                run.resume()
+            run_loop(run, iterations, step_reporter(iterations))
+            kind, weights = export_weights(student)
+        out = result_model(teacher, kind, weights, {"stage": "cd", "cd_steps": run.step_count})
+        last = {k: v[-1][1] for k, v in run.history.items()}
+        report = f"CD: {run.step_count} steps, state in {run.state_dir}; last {last}"
+        return (out, render_metrics(run.history, "consistency distillation", [["loss"], ["grad_norm"]]), report)
+
+
+class APTDiscriminatorNode:
+    DESCRIPTION = ("The APT discriminator: a copy of the ORIGINAL diffusion model with cross-attention heads on the hidden states of "
+                   "a few blocks. Built when APT Train runs.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (DISC_TYPE,)
+    RETURN_NAMES = ("discriminator",)
+    OUTPUT_TOOLTIPS = ("For APT Train.",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The ORIGINAL Wan 2.1 diffusion model (not the distilled one), as in the paper."}),
+            "mode": (["lora", "frozen", "full"], {"default": "lora", "tooltip": "Backbone training: lora = LoRA adapters (memory-lean), frozen = heads only (leanest), full = all weights (paper; needs a large GPU)."}),
+            "head_layers": ("STRING", {"default": "auto", "tooltip": "0-based blocks the heads tap: 'auto' = the paper's 16/26/36 of 36 scaled to the depth, or e.g. '12,21,29'."}),
+            "lora_rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "Rank of the backbone LoRA (mode lora only)."}),
+        }}
+
+    def make(self, model, mode, head_layers, lora_rank):
+        check_model(model)
+        layers = parse_layers(head_layers, len(model.model.diffusion_model.blocks))
+        return (DiscriminatorSpec(model, layers, mode, lora_rank, model_signature(model)),)
+
+
+class APTTrain:
+    DESCRIPTION = ("Stage 2, adversarial post-training: the generator (from APT Consistency Distill) against the discriminator. "
+                   "Outputs the EMA generator. Stop ends it within one step; the state is saved and resumes.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "IMAGE", "LATENT", "STRING")
+    RETURN_NAMES = ("generator", "metrics_plot", "preview", "report")
+    OUTPUT_TOOLTIPS = ("EMA generator: a patched clone of the input generator.", "GAN losses, logits, R1, validation statistics.",
+                       "Last validation samples (fixed prompts and seeds); decode with VAEDecode.", "State folder and final metrics.")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "generator": ("MODEL", {"tooltip": "The one-step generator to post-train (APT Consistency Distill output). It is not modified."}),
+            "discriminator": (DISC_TYPE, {"tooltip": "From APT Discriminator (built from the original model)."}),
+            "dataset": (DATASET_TYPE, {"tooltip": "Real samples: shards from APT Dataset From Folder / APT Load Dataset."}),
+            "steps": ("INT", {"default": 350, "min": 1, "max": 1000000, "tooltip": "Generator updates (D and G alternate 1:1). Paper: ~350 (images), 300 (video) at huge batch; quality can degrade later: watch the previews."}),
+            "lr": ("FLOAT", {"default": 5e-6, "min": 1e-8, "max": 1e-2, "step": 1e-7, "round": False, "tooltip": "G and D learning rate, RMSProp alpha 0.9 (paper: 5e-6 images, 3e-6 video)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per step; the paper needs large batches against mode collapse, small GPUs use grad_accum."}),
+            "grad_accum": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Micro-batches per step: batch_size must be divisible by it."}),
+            "r1_sigma": ("FLOAT", {"default": 0.01, "min": 1e-4, "max": 1.0, "step": 0.001, "round": False, "tooltip": "Approximated-R1 perturbation std (paper: 0.01 images, 0.1 video)."}),
+            "r1_lambda": ("FLOAT", {"default": 100.0, "min": 0.0, "max": 10000.0, "step": 1.0, "tooltip": "Approximated-R1 weight (paper: 100). 0 disables it (D wins, G collapses)."}),
+            "d_timestep_shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip": "D timestep ensemble t ~ shift(U(0,1), s): 1 images, 12 video."}),
+            "ema_decay": ("FLOAT", {"default": 0.995, "min": 0.0, "max": 0.99999, "step": 0.001, "round": False, "tooltip": "EMA of the generator (the EMA is the output; paper: 0.995)."}),
+            "lora_rank": ("INT", {"default": 16, "min": 0, "max": 1024, "tooltip": "Generator LoRA rank (memory-lean); 0 = fine-tune all weights."}),
+            "val_every": ("INT", {"default": 50, "min": 0, "max": 100000, "tooltip": "Validation samples every N steps (saved under the run folder) and at the end; 0 = only at the end."}),
+            "val_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Noise seed of the first validation sample (then +1, +2, ...), fixed for the run."}),
+            "seed": ("INT", _SEED),
+            "precision": _PRECISION,
+            "gradient_checkpointing": _CHECKPOINTING,
+            "run_name": ("STRING", {"default": "apt", "tooltip": "State folder under output/apt/runs/ (resume, validation samples)."}),
+            "resume": _RESUME,
+        }, "optional": {
+            "val_conditioning": ("CONDITIONING", {"tooltip": "Validation prompt(s); default: the first two dataset captions."}),
+            "val_latent": ("LATENT", {"tooltip": "Validation size/length (e.g. EmptyHunyuanLatentVideo); default: the first dataset sample's."}),
+        }}
+
+    def train(self, generator, discriminator, dataset, steps, lr, batch_size, grad_accum, r1_sigma, r1_lambda, d_timestep_shift, ema_decay,
+              lora_rank, val_every, val_seed, seed, precision, gradient_checkpointing, run_name, resume, val_conditioning=None, val_latent=None):
+        import torch
+
+        from .comfy_backbone import to_latent_space
+        from .comfy_env import compute_setup, free_vram, step_reporter, training_mode
+        from .plot import render_metrics
+        from .train_loop import APTRun, APTSettings, export_weights, make_loader, run_loop
+
+        check_model(generator)
+        discriminator.check_generator(generator)
+        device, dtype, amp = compute_setup(precision)
+        s = APTSettings(steps, lr, 0.0, batch_size, grad_accum, r1_sigma, r1_lambda, d_timestep_shift, ema_decay, lora_rank,
+                        val_every, val_seed, seed, amp, gradient_checkpointing)
+        torch.manual_seed(seed)
+        with training_mode():
+            free_vram()
+            g = trainable_generator(generator, lora_rank, device, dtype, gradient_checkpointing)
+            d = discriminator.build(device, dtype, d_timestep_shift, gradient_checkpointing)
+            loader = make_loader(dataset.path, batch_size, seed)
+            val_cond, val_shape = validation_inputs(loader.dataset, val_conditioning, val_latent, generator, device)
+            run = APTRun(g, d, loader, s, device, run_dir(run_name), val_cond, val_shape)
+            if resume:
+                run.resume()
+            run_loop(run, steps, step_reporter(steps), val_every)
+            kind, weights = export_weights(g, run.ema)
+        out = result_model(generator, kind, weights, {"stage": "apt", "apt_steps": run.step_count})
+        preview = {"samples": to_latent_space(generator, run.last_samples)}
+        plot = render_metrics(run.history, "APT", [["d_loss", "g_loss"], ["logits_real", "logits_fake"], ["ar1"], ["val_std", "val_diversity"]])
+        report = f"APT: {run.step_count} steps, state in {run.state_dir}; last " + ", ".join(f"{k}={v[-1][1]:.4g}" for k, v in run.history.items())
+        return (out, plot, preview, report)
+
+
+NODE_CLASS_MAPPINGS = {"APTConsistencyDistill": APTConsistencyDistill, "APTDiscriminator": APTDiscriminatorNode, "APTTrain": APTTrain}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "APTConsistencyDistill": "APT Consistency Distill",
+    "APTDiscriminator": "APT Discriminator",
+    "APTTrain": "APT Train (adversarial post-training)",
+}
