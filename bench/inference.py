@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         ["case", "tokens", "batch", "apt_1step_ms_per_sample", "teacher_25step_cfg_ms_per_sample", "speedup"],
     )
     results["samplers_cpu"] = rows
+    results["checks"] = {f"{r['case']}.speedup_1step_vs_25step_cfg": {"value": r["speedup"]} for r in rows}
     if torch.cuda.is_available():
         results["sdpa_backends"] = _sdpa_backends_check(torch.device("cuda"))
         print("\nSDPA backends:", results["sdpa_backends"])
