@@ -1,0 +1,225 @@
+"""Node schemas as ComfyUI serves them (`GET /object_info`) and checks of workflows against them.
+
+Core schemas: tests/fixtures/object_info.json (a real ComfyUI 0.3.64 server's /object_info; see
+tests/fixtures/README.md). Our nodes' schemas are generated from their INPUT_TYPES exactly the way
+ComfyUI's `server.py: node_info` does. `check_ui` validates a UI-format (v0.4) workflow, `ui_to_api`
+converts one to the API (prompt) format the way the frontend does, for comparison with the twins.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "object_info.json"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
+VIRTUAL_NODES = ("Note", "MarkdownNote")  # frontend-only nodes: not sent to the server
+# Loader widgets whose choices are the files of the machine that served object_info
+FILE_WIDGETS = ("unet_name", "clip_name", "vae_name", "lora_name", "ckpt_name")
+
+
+def core_object_info() -> dict[str, dict]:
+    return json.loads(FIXTURE.read_text())
+
+
+def node_info(name: str, cls: type, display: dict[str, str]) -> dict:
+    """`server.py: node_info` for a V1 node class."""
+    spec = cls.INPUT_TYPES()
+    info = {
+        "input": spec,
+        "input_order": {k: list(v.keys()) for k, v in spec.items()},
+        "output": cls.RETURN_TYPES,
+        "output_is_list": getattr(cls, "OUTPUT_IS_LIST", [False] * len(cls.RETURN_TYPES)),
+        "output_name": getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES),
+        "name": name,
+        "display_name": display.get(name, name),
+        "description": getattr(cls, "DESCRIPTION", ""),
+        "python_module": "custom_nodes.ComfyUI-APT",
+        "category": getattr(cls, "CATEGORY", "sd"),
+        "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
+    }
+    if hasattr(cls, "OUTPUT_TOOLTIPS"):
+        info["output_tooltips"] = cls.OUTPUT_TOOLTIPS
+    return json.loads(json.dumps(info))  # as served: tuples become lists
+
+
+def our_object_info() -> dict[str, dict]:
+    import nodes
+
+    return {n: node_info(n, c, nodes.NODE_DISPLAY_NAME_MAPPINGS) for n, c in nodes.NODE_CLASS_MAPPINGS.items()}
+
+
+def all_object_info() -> dict[str, dict]:
+    return {**core_object_info(), **our_object_info()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Input specs
+# ----------------------------------------------------------------------------------------------
+
+
+def input_specs(info: dict) -> list[tuple[str, Any, dict, bool]]:
+    """(name, type, options, required) in input order (required then optional; hidden skipped)."""
+    out = []
+    for section in ("required", "optional"):
+        entries = info["input"].get(section, {})
+        for name in info.get("input_order", {}).get(section, list(entries)):
+            spec = entries[name]
+            tp = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            out.append((name, tp, opts, section == "required"))
+    return out
+
+
+def is_widget(tp: Any, opts: dict) -> bool:
+    return (isinstance(tp, list) or tp in WIDGET_TYPES) and not opts.get("forceInput", False)
+
+
+def combo_options(tp: Any, opts: dict) -> list | None:
+    if isinstance(tp, list):
+        return tp
+    if tp == "COMBO":
+        return opts.get("options", [])
+    return None
+
+
+def widget_slots(info: dict) -> list[tuple[str | None, Any, dict]]:
+    """Positional `widgets_values` layout: (input name or None for a control_after_generate value, type, opts)."""
+    slots = []
+    for name, tp, opts, _ in input_specs(info):
+        if is_widget(tp, opts):
+            slots.append((name, tp, opts))
+            if opts.get("control_after_generate"):
+                slots.append((None, "CONTROL", {}))
+    return slots
+
+
+def socket_inputs(info: dict) -> dict[str, tuple[str, bool]]:
+    """Inputs that take links: name -> (type, required)."""
+    return {n: (tp, req) for n, tp, opts, req in input_specs(info) if not is_widget(tp, opts)}
+
+
+def value_problem(name: str, tp: Any, opts: dict, value: Any) -> str | None:
+    """Why a widget value does not fit its declaration, or None."""
+    choices = combo_options(tp, opts)
+    if choices is not None:
+        if name in FILE_WIDGETS:
+            return None if isinstance(value, str) and value.endswith((".safetensors", ".sft", ".pt", ".ckpt")) else f"{name}={value!r} is not a model file name"
+        return None if value in choices else f"{name}={value!r} not in {choices}"
+    if tp == "CONTROL":
+        return None if value in CONTROL_VALUES else f"control_after_generate value {value!r} not in {CONTROL_VALUES}"
+    if tp == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{name}={value!r} is not a boolean"
+    if tp == "STRING":
+        return None if isinstance(value, str) else f"{name}={value!r} is not a string"
+    if tp in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp == "INT" and not isinstance(value, int)):
+            return f"{name}={value!r} is not an {tp}"
+        lo, hi = opts.get("min"), opts.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            return f"{name}={value} outside [{lo}, {hi}]"
+        return None
+    return f"{name}: unknown widget type {tp!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# UI-format workflows
+# ----------------------------------------------------------------------------------------------
+
+
+def check_ui(ui: dict, infos: dict[str, dict]) -> list[str]:
+    """Problems of a UI-format workflow: node types, links, sockets, widget values, model entries."""
+    errs: list[str] = []
+    if ui.get("version") != 0.4:
+        errs.append(f"version {ui.get('version')!r}, expected 0.4")
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    if len(nodes) != len(ui["nodes"]):
+        errs.append("duplicate node ids")
+    links = {lk[0]: lk for lk in ui["links"]}
+    if ui.get("last_node_id") != max(nodes) or ui.get("last_link_id") != max(links, default=0):
+        errs.append("last_node_id / last_link_id do not match the graph")
+    for lid, src, sslot, dst, dslot, ltype in ui["links"]:
+        where = f"link {lid} ({src}:{sslot} -> {dst}:{dslot})"
+        if src not in nodes or dst not in nodes:
+            errs.append(f"{where}: unknown node")
+            continue
+        a, b = nodes[src], nodes[dst]
+        if a["type"] not in infos or b["type"] not in infos:
+            continue  # reported below
+        outs = infos[a["type"]]["output"]
+        if sslot >= len(outs):
+            errs.append(f"{where}: {a['type']} has {len(outs)} outputs")
+            continue
+        if dslot >= len(b.get("inputs", [])):
+            errs.append(f"{where}: {b['type']} node has no input slot {dslot}")
+            continue
+        inp = b["inputs"][dslot]
+        sockets = socket_inputs(infos[b["type"]])
+        if inp["name"] not in sockets:
+            errs.append(f"{where}: {b['type']} has no socket input {inp['name']!r}")
+            continue
+        want = sockets[inp["name"]][0]
+        if want != "*" and not (outs[sslot] == want == ltype == inp["type"]):
+            errs.append(f"{where}: type {outs[sslot]} -> {inp['name']}:{want} (link says {ltype}, input says {inp['type']})")
+        if inp.get("link") != lid or lid not in a["outputs"][sslot].get("links", []):
+            errs.append(f"{where}: node slots do not reference the link")
+    for n in ui["nodes"]:
+        where = f"node {n['id']} ({n['type']})"
+        if n["type"] in VIRTUAL_NODES:
+            continue
+        if n["type"] not in infos:
+            errs.append(f"{where}: unknown node type")
+            continue
+        info = infos[n["type"]]
+        sockets = socket_inputs(info)
+        names = [i["name"] for i in n.get("inputs", [])]
+        for i in n.get("inputs", []):
+            if i["name"] not in sockets:
+                errs.append(f"{where}: input {i['name']!r} is not a socket of {n['type']}")
+            elif i.get("link") is not None and i["link"] not in links:
+                errs.append(f"{where}: input {i['name']!r} references missing link {i['link']}")
+        for s, (tp, req) in sockets.items():
+            if req and not any(i["name"] == s and i.get("link") is not None for i in n.get("inputs", [])):
+                errs.append(f"{where}: required input {s!r} ({tp}) is not connected")
+        if len(set(names)) != len(names):
+            errs.append(f"{where}: duplicate inputs")
+        if [o["type"] for o in n.get("outputs", [])] != list(info["output"]):
+            errs.append(f"{where}: outputs {[o['type'] for o in n.get('outputs', [])]} != {info['output']}")
+        slots, values = widget_slots(info), n.get("widgets_values", [])
+        if len(values) != len(slots):
+            errs.append(f"{where}: {len(values)} widget values for {len(slots)} widgets {[s[0] for s in slots]}")
+        for (name, tp, opts), v in zip(slots, values):
+            p = value_problem(name or "control_after_generate", tp, opts, v)
+            if p:
+                errs.append(f"{where}: {p}")
+            if name in FILE_WIDGETS and not v.startswith("apt/"):
+                listed = [m.get("name") for m in n.get("properties", {}).get("models", [])]
+                if v not in listed:
+                    errs.append(f"{where}: model file {v!r} has no properties.models entry (name, url, directory)")
+        for m in n.get("properties", {}).get("models", []):
+            if set(m) != {"name", "url", "directory"} or not m["url"].startswith("https://"):
+                errs.append(f"{where}: properties.models entry {m} needs name, https url and directory")
+    return errs
+
+
+def ui_to_api(ui: dict, infos: dict[str, dict]) -> dict[str, dict]:
+    """The API (prompt) format of a UI workflow, as the frontend's 'Export (API)' builds it."""
+    links = {lk[0]: lk for lk in ui["links"]}
+    out = {}
+    for n in sorted(ui["nodes"], key=lambda n: n["id"]):
+        if n["type"] in VIRTUAL_NODES or n.get("mode", 0) in (2, 4):
+            continue
+        info = infos[n["type"]]
+        inputs: dict[str, Any] = {}
+        for (name, _tp, _opts), v in zip(widget_slots(info), n.get("widgets_values", [])):
+            if name is not None:
+                inputs[name] = v
+        for i in n.get("inputs", []):
+            if i.get("link") is not None:
+                _, src, slot, *_ = links[i["link"]]
+                inputs[i["name"]] = [str(src), slot]
+        out[str(n["id"])] = {"inputs": inputs, "class_type": n["type"], "_meta": {"title": n.get("title", info["display_name"])}}
+    return out
