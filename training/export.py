@@ -29,10 +29,18 @@ EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on rank 0's CPU (empty elsewhere), keys without wrapper prefixes. Collective."""
+    """The unsharded state dict on rank 0's CPU (empty elsewhere), keys without wrapper prefixes. Collective.
+
+    Tensors never alias the live parameters (on 1 rank / CPU, `full_tensor()` and `.cpu()` return the
+    parameter storage itself, which e.g. `EMA.swap_into` restores afterwards): aliasing ones are cloned.
+    """
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model, options=opts)
-    return {clean_path(k): v for k, v in sd.items()}
+    live = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        live.add(local.untyped_storage().data_ptr())
+    return {clean_path(k): v.clone() if v.untyped_storage().data_ptr() in live else v for k, v in sd.items()}
 
 
 def export_generator(

@@ -9,7 +9,6 @@ ORIGINAL diffusion weights.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from training.data import Batch, BucketedLoader, ShardDataset
 from training.export import export_generator
 from training.monitor import CollapseDetector, MetricsLogger, Validator
 from training.parallelize import autocast_dtype, parallelize
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -410,6 +407,8 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
                            cfg.monitor.tensorboard, start_step=step)
     detector = CollapseDetector(cfg.monitor.collapse_window, cfg.monitor.d_loss_floor, cfg.monitor.diversity_threshold)
     result: dict[str, Any] = {"world_size": world.world_size, "resumed_from": str(start_path) if start_path else None}
+    if start_path:
+        logger.event(step, "resume", f"resumed from {start_path}", checkpoint=str(start_path), world_size=world.world_size)
     lora = cfg.model.lora_rank
     for i in range(k, len(phases)):
         phase = phases[i]
@@ -420,7 +419,6 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
         state = {**stage.state(), "loader": ObjectState(loader)}
         if i == k and start_path is not None:
             ckpt.load(start_path, state)
-            log.info("resumed from %s at step %d (%s phase)", start_path, step, phase.name)
         if export_only:
             break
         validator = make_validator(cfg, world, dataset, run_dir)
