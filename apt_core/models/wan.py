@@ -79,6 +79,11 @@ def get_config(name: str, **overrides) -> WanConfig:
     return replace(WAN_CONFIGS[name], **overrides)
 
 
+def _hi(x: torch.Tensor) -> torch.Tensor:
+    """Norms and modulation run in fp32 (fp64 stays fp64, for precision tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # ----------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +122,7 @@ def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device: torch.device
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of x [B, N, heads, head_dim] as complex numbers, in fp32."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = _hi(x).unflatten(-1, (-1, 2))
     real, imag = xf[..., 0], xf[..., 1]
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
@@ -136,7 +141,7 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = _hi(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -147,7 +152,7 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        return super().forward(_hi(x)).type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -203,15 +208,15 @@ class WanAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope) -> torch.Tensor:
         # x: [B, N, dim]; e0: [B, 6, dim] fp32; context: [B, text_len, dim]
         # 1. modulation, in fp32
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation.float() + e0).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (_hi(self.modulation) + e0).chunk(6, dim=1)
         # 2. self-attention on the modulated, normalised tokens
-        y = self.self_attn((self.norm1(x).float() * (1 + scale_msa) + shift_msa).type_as(x), rope)
-        x = (x.float() + y.float() * gate_msa).type_as(x)
+        y = self.self_attn((_hi(self.norm1(x)) * (1 + scale_msa) + shift_msa).type_as(x), rope)
+        x = (_hi(x) + _hi(y) * gate_msa).type_as(x)
         # 3. cross-attention to the text (no modulation, no gate)
         x = x + self.cross_attn(self.norm3(x), context)
         # 4. feed-forward on the modulated, normalised tokens
-        y = self.ffn((self.norm2(x).float() * (1 + scale_mlp) + shift_mlp).type_as(x))
-        return (x.float() + y.float() * gate_mlp).type_as(x)
+        y = self.ffn((_hi(self.norm2(x)) * (1 + scale_mlp) + shift_mlp).type_as(x))
+        return (_hi(x) + _hi(y) * gate_mlp).type_as(x)
 
 
 class Head(nn.Module):
@@ -222,8 +227,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e.float().unsqueeze(1)).chunk(2, dim=1)
-        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+        shift, scale = (_hi(self.modulation) + _hi(e).unsqueeze(1)).chunk(2, dim=1)
+        return self.head((_hi(self.norm(x)) * (1 + scale) + shift).type_as(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,8 +314,8 @@ class WanModel(nn.Module):
         # time embedding and its 6-way projection, in fp32
         with torch.autocast(device_type=x.device.type, enabled=False):
             e = self.time_embedding(sinusoidal_embedding_1d(cfg.freq_dim, timestep).to(self.time_embedding[0].weight.dtype))
-            e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).float()
-            e = e.float()
+            e0 = _hi(self.time_projection(e).unflatten(1, (6, cfg.dim)))
+            e = _hi(e)
         # text: zero-pad to text_len rows, as the public code does
         if context.shape[1] < cfg.text_len:
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
@@ -338,7 +343,7 @@ class WanModel(nn.Module):
         for i in range(len(self.blocks)):
             tokens = self.run_block(i, tokens, e0, context, rope)
         out = self.head(tokens, e)
-        return self.unpatchify(out, grid).float()
+        return _hi(self.unpatchify(out, grid))
 
     def forward_features(
         self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, layers: Sequence[int]
