@@ -1,0 +1,100 @@
+"""Actionable checks, LoRA combination, path handling and the cluster-config export (no ComfyUI needed)."""
+
+import json
+
+import pytest
+import torch
+
+from nodes.comfy_backbone import (
+    combine_loras,
+    conditioning_context,
+    context_problem,
+    family_problem,
+    latent_problem,
+)
+from nodes.comfy_env import resolve_path
+from nodes.io import run_config_from_prompt
+from nodes.train import parse_layers
+from tests.nodes.comfy_schema import ROOT
+
+
+def test_family_problem_names_the_model_and_the_fix():
+    assert family_problem("WAN21", {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 16}) is None
+    msg = family_problem("Flux", {})
+    assert "Flux" in msg and "WAN21" in msg and "UNETLoader" in msg
+    msg = family_problem("WAN21", {"model_type": "i2v", "in_dim": 36})
+    assert "i2v" in msg and "in_dim=36" in msg
+
+
+def test_latent_problem():
+    assert latent_problem((1, 16, 3, 8, 8)) is None
+    assert "rank 4" in latent_problem((1, 16, 8, 8))
+    assert "4 channels" in latent_problem((1, 4, 3, 8, 8))
+    assert "H=7" in latent_problem((1, 16, 3, 7, 8))
+    assert "EmptyHunyuanLatentVideo" in latent_problem((1, 4, 8, 8))
+
+
+def test_conditioning_checks_and_batching():
+    assert context_problem((1, 512, 4096)) is None
+    assert "CLIPLoader(type=wan)" in context_problem((1, 77, 768))
+    ctx = torch.randn(1, 7, 4096)
+    assert conditioning_context([[ctx, {}]], batch=3).shape == (3, 7, 4096)
+    with pytest.raises(ValueError, match="4096"):
+        conditioning_context([[torch.zeros(1, 77, 2048), {}]])
+    with pytest.raises(ValueError, match="empty"):
+        conditioning_context([])
+
+
+def test_combine_loras_is_exactly_the_sum():
+    g = torch.Generator().manual_seed(0)
+
+    def lora(rank, alpha):
+        return {"diffusion_model.m.lora_up.weight": torch.randn(6, rank, generator=g),
+                "diffusion_model.m.lora_down.weight": torch.randn(rank, 5, generator=g),
+                "diffusion_model.m.alpha": torch.tensor(float(alpha))}
+
+    def delta(sd):
+        up, down = sd["diffusion_model.m.lora_up.weight"], sd["diffusion_model.m.lora_down.weight"]
+        return float(sd["diffusion_model.m.alpha"]) / down.shape[0] * up @ down
+
+    a, b = lora(4, 2.0), lora(2, 8.0)
+    c = combine_loras([a, b])
+    assert c["diffusion_model.m.lora_down.weight"].shape == (6, 5) and float(c["diffusion_model.m.alpha"]) == 6.0
+    torch.testing.assert_close(delta(c), delta(a) + delta(b))
+    assert combine_loras([a]) == a
+
+
+def test_parse_layers():
+    assert parse_layers("auto", 30) is None
+    assert parse_layers(" 12, 21,29 ", 30) == [12, 21, 29]
+    for bad in ["30", "1,1", "x", ","]:
+        with pytest.raises(ValueError):
+            parse_layers(bad, 30)
+
+
+def test_resolve_path_stays_inside(tmp_path):
+    assert resolve_path("a/b", str(tmp_path), "x") == tmp_path.resolve() / "a" / "b"
+    assert resolve_path("/abs/p", str(tmp_path), "x").as_posix() == "/abs/p"
+    with pytest.raises(ValueError, match="leaves"):
+        resolve_path("../../etc", str(tmp_path), "filename")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_path("  ", str(tmp_path), "filename")
+
+
+def test_export_reads_the_graphs_settings(tmp_path):
+    from training.config import load_config, save_config
+
+    prompt = json.loads((ROOT / "workflows" / "api" / "apt_export_cluster_config.json").read_text())
+    prompt["5"]["inputs"].update(lr=3e-6, steps=123, r1_sigma=0.1, d_timestep_shift=12.0)
+    prompt["4"]["inputs"].update(mode="frozen", head_layers="12,21,29")
+    cfg = run_config_from_prompt(prompt, "apt", "/m/wan.safetensors", "/d/shards", "runs/x", "/r/cd.safetensors")
+    assert cfg.run.stage == "apt" and cfg.model.init_from == "/m/wan.safetensors" and cfg.data.path == "/d/shards"
+    assert cfg.apt.lr == 3e-6 and cfg.apt.image.steps == 123 and cfg.apt.image.r1_sigma == 0.1
+    assert cfg.apt.image.d_timestep_shift == 12.0 and cfg.apt.disc_mode == "frozen" and cfg.apt.head_layers == [12, 21, 29]
+    assert cfg.data.micro_batch * cfg.data.grad_accum == 8 and cfg.model.lora_rank == 16 and cfg.apt.generator_init == "/r/cd.safetensors"
+    assert cfg.cd.grid_steps == 32 and cfg.apt.video.steps == 0
+    path = save_config(cfg, tmp_path / "run.toml")
+    back = load_config(path)
+    assert back == cfg
+    cd = run_config_from_prompt({}, "cd", "/m/wan.safetensors", "/d/shards", "runs/cd")
+    assert cd.run.stage == "cd" and cd.run.steps == 500 and cd.model.lora_rank == 32
