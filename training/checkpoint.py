@@ -92,14 +92,8 @@ class CheckpointManager:
 
     # -- discovery ------------------------------------------------------------------------------
     def complete(self) -> list[tuple[int, Path]]:
-        """(step, path) of every complete checkpoint, oldest first."""
-        out = []
-        if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                m = _STEP_DIR.match(p.name)
-                if m and p.is_dir() and (p / COMPLETE).is_file() and (p / ".metadata").is_file():
-                    out.append((int(m.group(1)), p))
-        return sorted(out)
+        """(step, path) of every complete checkpoint (COMPLETE marker + DCP .metadata), oldest first."""
+        return _complete(self.dir)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None (half-written `.tmp` folders never count)."""
@@ -178,6 +172,22 @@ class CheckpointManager:
         for k in state:
             state[k] = full[k]
         return state
+
+
+def _complete(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / COMPLETE).is_file() and (p / ".metadata").is_file():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `step-N` checkpoint of a run directory (no process group needed)."""
+    found = _complete(Path(run_dir) / "checkpoints")
+    return found[-1][1] if found else None
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:

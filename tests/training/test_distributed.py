@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Reduction order differs between 1 and 2 ranks (fp32 sums), nothing else does.
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
 WEIGHT_ATOL = 1e-5
+# Wan's cross-attention key bias has an exactly-zero gradient (softmax shift invariance): its fp32
+# gradient is rounding noise that RMSProp turns into +-lr steps, so it is not compared (changes no output).
+INVARIANT = ".cross_attn.k.bias"
 
 
 def launch(nproc: int, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -81,7 +84,7 @@ def test_one_vs_two_processes_fsdp_and_ddp_match(data, tmp_path):
         w_ref = load_file(tmp_path / "single/export/apt_generator.safetensors")
         w = load_file(tmp_path / name / "export/apt_generator.safetensors")
         assert w.keys() == w_ref.keys()
-        for k in w_ref:
+        for k in [k for k in w_ref if not k.endswith(INVARIANT)]:
             torch.testing.assert_close(w[k], w_ref[k], atol=WEIGHT_ATOL, rtol=0, msg=f"{name}: {k}")
     # the runs really trained: weights moved away from the shared seeded init
     init = load_file(tmp_path / "single/export/apt_image_ema.safetensors")
