@@ -24,6 +24,7 @@ from apt_core.lora import base_state_dict, clean_path, inject_lora, lora_state_d
 from apt_core.models.io import load_into, save_state_dict_file
 from apt_core.models.wan import WanConfig
 from training.distributed import World
+from training.parallelize import reshard
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -59,6 +60,7 @@ def export_generator(
     (ComfyUI LoRA keys, if `lora_rank`); EMA weights when `ema` is given. Returns the paths (rank 0)."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export.dtype={dtype!r}; choose one of {sorted(EXPORT_DTYPES)}")
+    reshard(model)  # after an inference forward FSDP2 may still expose unsharded parameters
     swap = ema.swap_into(model) if ema is not None else contextlib.nullcontext()
     with swap:
         sd = full_state_dict(model)

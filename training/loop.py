@@ -32,7 +32,7 @@ from training.config import RunConfig, dumps, save_config
 from training.data import Batch, BucketedLoader, ShardDataset
 from training.export import export_generator
 from training.monitor import CollapseDetector, MetricsLogger, Validator
-from training.parallelize import autocast_dtype, parallelize
+from training.parallelize import autocast_dtype, parallelize, reshard
 
 
 @dataclass
@@ -290,8 +290,10 @@ class CDStage(Stage):
             ctx = cond.context
             neg_ctx = torch.zeros_like(ctx) if self.neg is None else self.neg.to(dev)[None].expand(ctx.shape[0], -1, -1)
             neg = WanCond(neg_ctx)
-        return self.trainer.cd_step(batch.latent.float(), cond, neg_cond=neg, eps=self.noise(batch, step, "eps"),
-                                    step_index=step_index)
+        metrics = self.trainer.cd_step(batch.latent.float(), cond, neg_cond=neg, eps=self.noise(batch, step, "eps"),
+                                       step_index=step_index)
+        reshard(self.teacher)  # inference-only: free its gathered weights
+        return metrics
 
 
 class APTStage(Stage):
@@ -376,8 +378,10 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
     g = stage.generator
     swap = stage.ema.swap_into(g) if stage.ema is not None else nullcontext()
     amp = torch.autocast(stage.world.device.type, dtype=torch.bfloat16) if stage.amp else nullcontext()
+    reshard(g)
     with swap, amp:
         result = validator.run(lambda z, ctx: generate_one_step(g, z, WanCond(ctx)), step)
+        reshard(g)  # before the swap restores the training weights into the shards
     logger.event(step, "validation", f"samples in {result.get('val_dir', '')}", **result)
     warning = detector.diversity_warning(result["val_diversity"]) if result["val_diversity"] == result["val_diversity"] else None
     if warning:

@@ -74,6 +74,21 @@ def apply_fsdp(
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters after a no-grad forward (no backward does it then).
+
+    FSDP2 keeps the root (and blocks with reshard_after_forward=False) unsharded after forward until
+    backward; after an inference-only forward the module would keep exposing the unsharded tensors,
+    so in-place writes to the sharded parameters (EMA swap, optimiser steps) would not be seen by the
+    next forward. No-op for non-FSDP models.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def apply_ddp(model: nn.Module, world: World) -> nn.Module:
     """Classic DDP (replicated weights, all-reduced gradients) around a materialised model."""
     from torch.nn.parallel import DistributedDataParallel as DDP
