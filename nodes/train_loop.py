@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 
 STATE_FILE = "state.json"
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +368,7 @@ def run_loop(run: _Run, steps: int, on_step: Callable[[int, dict[str, float]], N
     from apt_core.trainer import is_finite_metrics
 
     start = run.step_count
+    log.info("APT %s: training steps %d..%d (state: %s)", run.kind, start + 1, steps, run.state_dir)
     try:
         while run.step_count < steps:
             metrics = run.step()

@@ -1,0 +1,220 @@
+"""Integration suite against a REAL ComfyUI (skipped unless COMFYUI_DIR and COMFYUI_VENV are set).
+
+See docs/COMFYUI.md ("Running the real-ComfyUI suite"). The server runs on CPU, bound to 127.0.0.1,
+with this pack, shared/comfyui/tools/testnodes and tests/comfyui/apt_testnodes linked into its
+custom_nodes/. Models: the tiny random Wan 2.1 of make_tiny_wan.py (+ its random VAE) and
+make_tiny_variants.py. The umT5 text encoder cannot be had: prompts use testnodes'
+TestZeroConditioning and the dataset node's CLIP input apt_testnodes' APTTestStandInCLIP (stand-ins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.comfyui.harness import ROOT, TINY_WAN, Comfy, api_twin, error_of, texts, tiny, write_media
+from tests.nodes.comfy_schema import our_object_info
+from tests.nodes.make_workflows import workflows
+
+COMFYUI_DIR, COMFYUI_VENV = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_VENV")
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.slow,
+    pytest.mark.skipif(not (COMFYUI_DIR and COMFYUI_VENV), reason="real ComfyUI suite: set COMFYUI_DIR and COMFYUI_VENV (docs/COMFYUI.md)"),
+]
+RUN = f"t{uuid.uuid4().hex[:8]}"  # unique names for this session's files
+I2V, T2V_3 = "apt_test_tiny_wan21_i2v.safetensors", "apt_test_tiny_wan21_t2v_3layers.safetensors"
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    c = Comfy(Path(COMFYUI_DIR), Path(COMFYUI_VENV), tmp_path_factory.mktemp("comfy"))
+    models = c.dir / "models" / "diffusion_models"
+    if not (models / TINY_WAN).is_file() or not (c.dir / "models" / "vae" / "tiny_wan21_vae.safetensors").is_file():
+        c.make_models("--vae")
+    if not (models / I2V).is_file() or not (models / T2V_3).is_file():
+        subprocess.run([str(c.venv / "bin" / "python"), str(ROOT / "tests" / "comfyui" / "make_tiny_variants.py")],
+                       env={**os.environ, "COMFYUI_DIR": str(c.dir)}, check=True, capture_output=True, timeout=600)
+    write_media(c.input / "apt_media")
+    c.start()
+    yield c
+    c.stop()
+    for kind in ("diffusion_models", "loras"):
+        shutil.rmtree(c.dir / "models" / kind / "apt_test" / RUN, ignore_errors=True)
+
+
+def log_text(comfy: Comfy) -> str:
+    return comfy.log.read_text(errors="replace")
+
+
+def test_extension_loads_and_serves_every_node(comfy):
+    log = log_text(comfy)
+    assert "ComfyUI-APT" in log and "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
+    served = comfy.get("/object_info")
+    for name, ours in our_object_info().items():
+        assert name in served, f"{name} missing from /object_info"
+        got = served[name]
+        for key in ("input", "input_order", "output", "output_name", "category", "display_name", "output_node", "output_tooltips"):
+            assert got[key] == ours[key], f"{name}.{key}: served {got[key]} != declared {ours[key]}"
+
+
+def test_workflows_appear_as_templates(comfy):
+    templates = comfy.get("/workflow_templates")
+    assert sorted(templates["ComfyUI-APT"]) == sorted(workflows()), templates
+    ui = comfy.get("/api/workflow_templates/ComfyUI-APT/apt_t2v_one_step.json")
+    assert ui == json.loads((ROOT / "workflows" / "apt_t2v_one_step.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dataset(comfy):
+    entry = comfy.run(tiny(api_twin("apt_dataset_prepare"), RUN))
+    return entry
+
+
+def test_dataset_preparation_skips_and_reports_bad_files(comfy, dataset):
+    report = "\n".join(texts(dataset))
+    assert "wrote 3 new samples" in report
+    assert "broken.mp4" in report and "corrupt" in report and "uncaptioned.png" in report and "missing_caption" in report
+    root = comfy.output / "apt" / "datasets" / RUN
+    assert (root / "dataset-00000.json").is_file() and list(root.glob("shard-00000-*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained(comfy, dataset):
+    t0 = time.time()
+    entry = comfy.run(tiny(api_twin("apt_train_single_gpu"), RUN))
+    return entry, time.time() - t0
+
+
+def test_train_end_to_end_saves_previews_and_state(comfy, trained):
+    entry, _ = trained
+    out = entry["outputs"]
+    report = "\n".join(texts(entry))
+    assert "saved lora" in report and "saved full" in report and "APT: 2 steps" in report
+    assert (comfy.dir / "models" / "loras" / "apt_test" / RUN / "lora.safetensors").is_file()
+    assert (comfy.dir / "models" / "diffusion_models" / "apt_test" / RUN / "full.safetensors").is_file()
+    assert out["12"]["images"] and out["13"]["images"]  # APT metrics plot, CD loss plot
+    video = out["16"]["images"][0]
+    assert (comfy.output / video["subfolder"] / video["filename"]).stat().st_size > 0
+    state = json.loads((comfy.output / "apt" / "runs" / f"{RUN}-apt" / "state.json").read_text())
+    assert state["step"] == 2 and [s for s, _ in state["history"]["val_std"]] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["apt_t2v_one_step", "apt_t2i_one_step", "apt_t2v_two_step_refine"])
+def test_saved_generator_reloads_with_core_loader_and_samples(comfy, trained, name):
+    entry = comfy.run(tiny(api_twin(name), RUN, unet=f"apt_test/{RUN}/full.safetensors"))
+    files = [f for o in entry["outputs"].values() for f in o.get("images", [])]
+    assert files and all((comfy.output / f["subfolder"] / f["filename"]).stat().st_size > 0 for f in files)
+
+
+def one_step_latent(comfy: Comfy, model_nodes: dict, tag: str, seed: int = 5) -> torch.Tensor:
+    """Run model_nodes (ending in node "m") + a one-step sample from the tiny latent; return the saved latent."""
+    g = {**model_nodes,
+         "c": {"class_type": "TestZeroConditioning", "inputs": {"batch": 1, "length": 16, "dim": 4096}},
+         "l": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 5, "batch_size": 1}},
+         "s": {"class_type": "APTOneStepSampler", "inputs": {"model": ["m", 0], "positive": ["c", 0], "latent": ["l", 0], "seed": seed,
+                                                             "steps": 1, "t_mid": 0.5}},
+         "o": {"class_type": "SaveLatent", "inputs": {"samples": ["s", 0], "filename_prefix": f"apt_test/{RUN}/{tag}"}}}
+    entry = comfy.run(g)
+    f = entry["outputs"]["o"]["latents"][0]
+    return load_file(str(comfy.output / f["subfolder"] / f["filename"]))["latent_tensor"]
+
+
+def test_lora_loads_with_core_loader_fully_and_equals_the_full_checkpoint(comfy, trained):
+    before = len(log_text(comfy))
+    with_lora = one_step_latent(comfy, {
+        "b": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_WAN, "weight_dtype": "default"}},
+        "m": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["b", 0], "lora_name": f"apt_test/{RUN}/lora.safetensors",
+                                                              "strength_model": 1.0}}}, "lora")
+    full = one_step_latent(comfy, {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": f"apt_test/{RUN}/full.safetensors",
+                                                                                "weight_dtype": "default"}}}, "full")
+    base = one_step_latent(comfy, {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_WAN, "weight_dtype": "default"}}}, "base")
+    new_log = log_text(comfy)[before:]
+    assert "lora key not loaded" not in new_log and "NOT LOADED" not in new_log, new_log[-2000:]
+    torch.testing.assert_close(with_lora, full, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(full, base, atol=1e-4), "training changed nothing"
+
+
+def test_stop_ends_training_within_a_step_and_leaves_the_model_untouched(comfy, dataset):
+    base = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_WAN, "weight_dtype": "default"}}}
+    before = one_step_latent(comfy, base, "untouched-before")
+    graph = {
+        "m": base["m"],
+        "d": {"class_type": "APTLoadDataset", "inputs": {"path": f"apt/datasets/{RUN}"}},
+        "D": {"class_type": "APTDiscriminator", "inputs": {"model": ["m", 0], "mode": "frozen", "head_layers": "auto", "lora_rank": 2}},
+        "t": {"class_type": "APTTrain", "inputs": {**api_twin("apt_train_single_gpu")["9"]["inputs"], "generator": ["m", 0],
+                                                   "discriminator": ["D", 0], "dataset": ["d", 0], "steps": 100000, "val_every": 0,
+                                                   "lora_rank": 4, "precision": "fp32", "run_name": f"{RUN}-stop", "resume": False}},
+        "p": {"class_type": "PreviewAny", "inputs": {"source": ["t", 3]}},
+    }
+    for k in ("val_conditioning", "val_latent"):
+        graph["t"]["inputs"].pop(k)
+    mark = len(log_text(comfy))
+    pid = comfy.submit(graph)
+    t0 = time.time()
+    while "APT apt: training steps" not in log_text(comfy)[mark:]:
+        assert time.time() - t0 < 120, "training did not start"
+        time.sleep(0.2)
+    time.sleep(3.0)
+    t_stop = time.time()
+    comfy.post("/interrupt")
+    entry = comfy.wait(pid, 120)
+    elapsed = time.time() - t_stop
+    assert entry["status"]["status_str"] == "error" and error_of(entry).startswith("interrupted"), error_of(entry)
+    state = json.loads((comfy.output / "apt" / "runs" / f"{RUN}-stop" / "state.json").read_text())
+    per_step = 3.0 / max(1, state["step"])
+    assert state["step"] >= 1 and elapsed < 2 * per_step + 5.0, (elapsed, state["step"])
+    after = one_step_latent(comfy, base, "untouched-after")
+    assert torch.equal(before, after), "the input MODEL changed"
+    # queue again with resume on: it continues from the saved step
+    graph["t"]["inputs"].update(steps=state["step"] + 2, resume=True)
+    report = "\n".join(texts(comfy.run(graph)))
+    assert f"APT: {state['step'] + 2} steps" in report
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("i2v", "image-to-video"),
+    ("latent", "not divisible by the patch size"),
+    ("empty_folder", "no usable media"),
+    ("disc_mismatch", "different model"),
+])
+def test_actionable_errors(comfy, dataset, case, expect):
+    cond = {"class_type": "TestZeroConditioning", "inputs": {"batch": 1, "length": 16, "dim": 4096}}
+    loader = lambda name: {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}  # noqa: E731
+    if case in ("i2v", "latent"):
+        graph = {"m": loader(I2V if case == "i2v" else TINY_WAN), "c": cond,
+                 "l": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64 if case == "i2v" else 72, "height": 64, "length": 5, "batch_size": 1}},
+                 "s": {"class_type": "APTOneStepSampler", "inputs": {"model": ["m", 0], "positive": ["c", 0], "latent": ["l", 0], "seed": 0, "steps": 1, "t_mid": 0.5}},
+                 "o": {"class_type": "SaveLatent", "inputs": {"samples": ["s", 0], "filename_prefix": f"apt_test/{RUN}/err"}}}
+    elif case == "empty_folder":
+        (comfy.input / "apt_empty").mkdir(exist_ok=True)
+        graph = tiny(api_twin("apt_dataset_prepare"), RUN + "-empty", overrides={"4": {"folder": "apt_empty"}})
+    else:
+        graph = {"m": loader(TINY_WAN), "m3": loader(T2V_3), "d": {"class_type": "APTLoadDataset", "inputs": {"path": f"apt/datasets/{RUN}"}},
+                 "D": {"class_type": "APTDiscriminator", "inputs": {"model": ["m3", 0], "mode": "frozen", "head_layers": "auto", "lora_rank": 2}},
+                 "t": {"class_type": "APTTrain", "inputs": {**{k: v for k, v in api_twin("apt_train_single_gpu")["9"]["inputs"].items()
+                                                               if not isinstance(v, list)},
+                                                            "generator": ["m", 0], "discriminator": ["D", 0], "dataset": ["d", 0]}},
+                 "p": {"class_type": "PreviewAny", "inputs": {"source": ["t", 3]}}}
+    entry = comfy.wait(comfy.submit(graph), 300)
+    assert entry["status"]["status_str"] == "error" and expect in error_of(entry), error_of(entry)
+
+
+def test_export_cluster_config(comfy, dataset):
+    from training.config import load_config
+
+    entry = comfy.run(tiny(api_twin("apt_export_cluster_config"), RUN))
+    path = Path(entry["outputs"]["6"]["text"][0].split("wrote ")[1].split(" (stage")[0])
+    cfg = load_config(path)
+    apt = api_twin("apt_export_cluster_config")["5"]["inputs"]
+    assert cfg.run.stage == "apt" and cfg.apt.image.steps == 2 and cfg.apt.lr == 1e-3 != apt["lr"]
+    assert cfg.data.micro_batch * cfg.data.grad_accum == 1 and cfg.apt.disc_mode == "lora"
