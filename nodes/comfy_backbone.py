@@ -6,11 +6,11 @@ A ComfyUI MODEL (a `comfy.model_patcher.ModelPatcher`) provides them in two ways
 - `ComfyFlowModel`: calls `patcher.model.diffusion_model` itself (ComfyUI's Wan, with the patches
   ComfyUI applied when it loaded the model), `timestep = t * model_sampling.multiplier` (1000 for
   Wan), block outputs tapped through ComfyUI's `patches_replace["dit"][("double_block", i)]` hook,
-  which also gives per-block activation checkpointing without touching the module. Used frozen: the
-  consistency-distillation teacher and a frozen discriminator backbone. Nothing is copied.
+  without touching the module. No gradients (ComfyUI makes its weights under inference mode), so it
+  serves the frozen consistency-distillation teacher. Nothing is copied.
 - `trainable_wan`: an independent `apt_core` `WanFlowModel` built from the MODEL's *effective*
-  weights (base + every weight patch, e.g. a LoRA), for anything whose weights train (generator,
-  LoRA / full discriminator backbone). The input MODEL is never modified; results go back as a
+  weights (base + every weight patch, e.g. a LoRA), for anything that needs gradients (generator,
+  discriminator backbone in every mode: G's loss backpropagates through D). The input MODEL is never modified; results go back as a
   patched clone (`with_lora`, `with_weights`).
 
 Latents: a LATENT holds raw VAE latents; the diffusion model sees `latent_format.process_in(x)`
@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 WAN_TEXT_DIM = 4096
 WAN_LATENT_CHANNELS = 16
@@ -139,15 +138,18 @@ class _StopForward(Exception):
 
 
 class ComfyFlowModel(nn.Module):
-    """The flow-model protocol over a ComfyUI MODEL's `diffusion_model` (no copy; used frozen).
+    """The flow-model protocol over a ComfyUI MODEL's `diffusion_model` (no copy; frozen, no gradients).
 
     `forward(x_t, t, cond)` -> velocity (fp32), x_t in model space, t [B] in [0, 1];
-    `features(x, t, cond, layers)` -> block outputs [B, tokens, dim] after 0-based blocks `layers`.
+    `features(x, t, cond, layers)` -> block outputs [B, tokens, dim] after 0-based blocks `layers`
+    (taken through `patches_replace`; the blocks after the deepest tap are not run).
     `cond` is a context tensor [B, L, 4096] (or anything with `.context` / `["context"]`); it is
     zero-padded to the model's text length (512), as the public Wan code and umT5 encoding do.
+    ComfyUI builds its weights under `torch.inference_mode`, so autograd cannot record through them:
+    use it for no-grad passes (the CD teacher); anything needing gradients uses `trainable_wan`.
     """
 
-    def __init__(self, patcher: Any, gradient_checkpointing: bool = False):
+    def __init__(self, patcher: Any):
         super().__init__()
         check_model(patcher)
         self.patcher = patcher
@@ -157,7 +159,6 @@ class ComfyFlowModel(nn.Module):
         self.timestep_scale = float(getattr(ms, "multiplier", 1000.0))
         self.text_len = int(getattr(dm, "text_len", 512))
         self.config = SimpleNamespace(dim=int(dm.dim), num_heads=int(dm.num_heads), num_layers=len(dm.blocks))
-        self.gradient_checkpointing = gradient_checkpointing
 
     num_layers = property(lambda self: self.config.num_layers)
     hidden_dim = property(lambda self: self.config.dim)
@@ -168,10 +169,6 @@ class ComfyFlowModel(nn.Module):
 
         comfy.model_management.load_models_gpu([self.patcher])
         return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.patcher.load_device
 
     def compute_dtype(self) -> torch.dtype:
         base = self.patcher.model
@@ -186,30 +183,18 @@ class ComfyFlowModel(nn.Module):
             ctx = nn.functional.pad(ctx, (0, 0, 0, self.text_len - ctx.shape[1]))
         return ctx.to(device=x.device, dtype=self.compute_dtype())
 
-    def _run_block(self, original, args: dict) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(lambda img: original({**args, "img": img})["img"], args["img"], use_reentrant=False)
-        return original(args)["img"]
-
+    @torch.no_grad()
     def _call(self, x: torch.Tensor, t: torch.Tensor, cond: Any, replace: dict) -> torch.Tensor:
         opts = dict(self.patcher.model_options.get("transformer_options", {}))
         patches = dict(opts.get("patches_replace", {}))
         patches["dit"] = {**patches.get("dit", {}), **replace}
         opts["patches_replace"] = patches
-        dtype = self.compute_dtype()
-        out = self.diffusion_model(
-            x.to(dtype), (t * self.timestep_scale).float(), context=self._context(cond, x), transformer_options=opts
-        )
+        out = self.diffusion_model(x.to(self.compute_dtype()), (t * self.timestep_scale).float(), context=self._context(cond, x),
+                                   transformer_options=opts)
         return out.float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        replace = {}
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            def block(args, extra):
-                return {"img": self._run_block(extra["original_block"], args)}
-
-            replace = {("double_block", i): block for i in range(self.num_layers)}
-        return self._call(x_t, t, cond, replace)
+        return self._call(x_t, t, cond, {})
 
     def features(self, x: torch.Tensor, t: torch.Tensor, cond: Any, layers: Sequence[int]) -> list[torch.Tensor]:
         layers = [int(i) for i in layers]
@@ -219,12 +204,12 @@ class ComfyFlowModel(nn.Module):
 
         def tap(i: int):
             def block(args, extra):
-                out = self._run_block(extra["original_block"], args)
+                out = extra["original_block"](args)
                 if i in wanted:
-                    feats[i] = out
+                    feats[i] = out["img"]
                 if i == deepest:
                     raise _StopForward
-                return {"img": out}
+                return out
 
             return block
 

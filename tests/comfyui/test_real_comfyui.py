@@ -218,3 +218,14 @@ def test_export_cluster_config(comfy, dataset):
     apt = api_twin("apt_export_cluster_config")["5"]["inputs"]
     assert cfg.run.stage == "apt" and cfg.apt.image.steps == 2 and cfg.apt.lr == 1e-3 != apt["lr"]
     assert cfg.data.micro_batch * cfg.data.grad_accum == 1 and cfg.apt.disc_mode == "lora"
+
+
+def test_comfy_adapter_matches_apt_core_copy(comfy):
+    """ComfyFlowModel (through ComfyUI's Wan, t * 1000, text padded to 512, block taps via patches_replace)
+    gives the same velocity and features as the apt_core WanFlowModel built from the MODEL's weights."""
+    entry = comfy.run({"m": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_WAN, "weight_dtype": "default"}},
+                       "c": {"class_type": "APTTestAdapterCheck", "inputs": {"model": ["m", 0]}}})
+    r = json.loads(texts(entry)[0])
+    assert r["num_layers"] == 2 and r["feature_shapes"] == [[2, 48, 128], [2, 48, 128]]
+    assert r["velocity_max_abs_diff"] <= 1e-4 * max(1.0, r["velocity_scale"]), r
+    assert r["features_max_abs_diff"] <= 1e-4 * max(1.0, r["features_scale"]), r
