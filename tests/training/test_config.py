@@ -1,0 +1,119 @@
+"""Run config: TOML -> nested dataclasses, checked at load (keys, types, choices, cross-field rules),
+`--section.key=value` overrides, resolved-config round trip, CLI errors, docs listing every key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.__main__ import main, parse_args
+from training.config import (
+    ConfigError,
+    RunConfig,
+    dumps,
+    load_config,
+    save_config,
+    schema_markdown,
+    schema_rows,
+    split_override_args,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "run.toml"
+    p.write_text(text)
+    return p
+
+
+def test_example_configs_load():
+    tiny = load_config(ROOT / "configs/tiny_cpu.toml")
+    assert tiny.run.stage == "apt" and tiny.model.preset == "tiny" and tiny.parallel.strategy == "fsdp"
+    assert (tiny.apt.image.steps, tiny.apt.video.steps) == (4, 4)
+    big = load_config(ROOT / "configs/wan1.3b_h100.toml")
+    assert big.model.preset == "wan2.1-t2v-1.3b" and big.parallel.mixed_precision == "bf16"
+    assert big.parallel.activation_checkpointing and big.apt.video.d_timestep_shift == 12.0
+    assert big.data.micro_batch * big.data.grad_accum * 64 == 1024  # the documented global batch on 64 GPUs
+
+
+def test_defaults_follow_the_paper():
+    cfg = RunConfig()
+    assert cfg.apt.lr == 5e-6 and cfg.apt.video.lr == 3e-6 and cfg.apt.ema_decay == 0.995
+    assert (cfg.apt.image.r1_sigma, cfg.apt.video.r1_sigma) == (0.01, 0.1)
+    assert (cfg.apt.image.d_timestep_shift, cfg.apt.video.d_timestep_shift) == (1.0, 12.0)
+    assert cfg.apt.r1_lambda == 100.0 and cfg.apt.disc_mode == "full"
+
+
+def test_overrides_parse_types_and_nesting(tmp_path):
+    path = write(tmp_path, '[run]\nstage = "apt"\n[data]\npath = "d"\n[apt.video]\nsteps = 7\n')
+    cfg = load_config(path, ["--apt.lr=1e-5", "--apt.image.lr=2e-6", "--parallel.compile=true",
+                             "--monitor.val_seeds=[3, 4]", "--run.dir=runs/x y", "--teacher.lr=1"])
+    assert cfg.apt.lr == 1e-5 and cfg.apt.image.lr == 2e-6 and cfg.parallel.compile is True
+    assert cfg.monitor.val_seeds == [3, 4] and cfg.run.dir == "runs/x y"
+    assert cfg.teacher.lr == 1.0 and isinstance(cfg.teacher.lr, float)  # int accepted for a float key
+    # a partial [apt.video] table keeps that phase's other defaults
+    assert cfg.apt.video.steps == 7 and cfg.apt.video.lr == 3e-6 and cfg.apt.video.d_timestep_shift == 12.0
+    # `--key value` pairs from argparse leftovers
+    assert split_override_args(["--apt.lr", "1e-5", "--run.seed=3"]) == ["--apt.lr=1e-5", "--run.seed=3"]
+    args, overrides = parse_args(["--config", str(path), "--resume", "--apt.lr", "2e-5"])
+    assert args.resume is True and overrides == ["--apt.lr=2e-5"]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ('[run]\nstgae = "apt"\n', [], r"unknown key\(s\) \['run.stgae'\] in \[run\]; allowed keys: \['device', 'dir'"),
+        ("[bogus]\nx = 1\n", [], r"unknown key\(s\) \['bogus'\] in \[top level\]; allowed keys: \['apt', 'cd', 'checkpoint'"),
+        ('[apt.image]\nlr = "fast"\n', [], r"apt.image.lr: expected float, got str 'fast'"),
+        ("[run]\nsteps = 1.5\n", [], r"run.steps: expected int, got float 1.5"),
+        ("[run]\nseed = true\n", [], r"run.seed: expected int, got bool True"),
+        ('[run]\nstage = "gan"\n', [], r"run.stage: 'gan' is not allowed; choose one of \['teacher', 'cd', 'apt'\]"),
+        ('[parallel]\nstrategy = "zero3"\n', [], r"choose one of \['fsdp', 'ddp', 'none'\]"),
+        ("[monitor]\nval_seeds = [1, \"a\"]\n", [], r"monitor.val_seeds\[1\]: expected int"),
+        ("[apt]\nimage = 3\n", [], r"apt.image: expected a table"),
+        ("", ["--apt.nope=1"], r"unknown key\(s\) \['apt.nope'\]"),
+        ("", ["--apt.lr"], r"--section.key=value"),
+        ("", ["--data.micro_batch=0"], r"data.micro_batch must be >= 1, got 0"),
+        ('[run]\nstage = "cd"\n', [], r"stage cd needs a teacher: set model.init_from"),
+        ("[apt.image]\nsteps = 0\n[apt.video]\nsteps = 0\n", ["--run.stage=apt"], r"apt.image.steps \+ apt.video.steps"),
+    ],
+)
+def test_errors_name_the_key_and_the_allowed_values(tmp_path, text, overrides, match):
+    path = write(tmp_path, text + ("" if "[data]" in text else '\n[data]\npath = "d"\n'))
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, overrides)
+
+
+def test_missing_data_path_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.path is empty"):
+        load_config(write(tmp_path, "[run]\nseed = 1\n"))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs/wan1.3b_h100.toml", ["--apt.lr=1e-5", "--apt.head_layers=[3, 9]"])
+    saved = save_config(cfg, tmp_path / "out/config.toml")
+    again = load_config(saved)
+    assert again == cfg
+    assert dumps(again) == saved.read_text()
+
+
+def test_cli_reports_config_errors_and_prints_config(tmp_path, capsys):
+    path = write(tmp_path, '[data]\npath = "d"\n[run]\nstage = "teacher"\n')
+    assert main(["--config", str(path), "--print-config", "--teacher.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "[teacher]\nlr = 0.5" in out
+    assert main(["--config", str(path), "--teacher.lrr=1"]) == 2
+    assert "unknown key(s) ['teacher.lrr']" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_docs_list_every_key():
+    rows = schema_rows()
+    assert len(rows) == len({k for k, *_ in rows}) > 60
+    table = schema_markdown()
+    docs = (ROOT / "docs/TRAINING.md").read_text()
+    missing = [k for k, *_ in rows if f"`{k}`" not in docs]
+    assert not missing, f"docs/TRAINING.md lacks {missing}; paste `python -m training.config` output"
+    assert table.splitlines()[0] == "| key | type | default | meaning |"
