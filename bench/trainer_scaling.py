@@ -1,0 +1,232 @@
+"""Trainer scaling: step time and peak memory of the headless trainer, 1 vs 2 processes.
+
+CPU (here): the tiny and small configs, APT stage (one D + one G step per iteration), FSDP2 over
+gloo, with 1 and 2 processes at the same per-rank micro batch. Every (config, world size) runs as
+its own `torchrun` job in a fresh process group; each rank reports the median step time after
+warm-up and its peak RSS (`ru_maxrss`), the table shows rank 0's time and the max RSS over ranks.
+CUDA (not run here): one APT iteration (D step + G step) of Wan 2.1 1.3B at 480p (81 frames ->
+latent [16, 21, 60, 104]) with FSDP2 + bf16 + per-block activation checkpointing on every local
+GPU: seconds per sample, MFU (3 x forward FLOPs per trained forward, bench.common's FLOP count)
+and peak memory (`torch.cuda.max_memory_allocated`).
+
+    python -m bench.trainer_scaling [--quick] [--cases tiny,small] [--steps N]
+    python -m bench.trainer_scaling --make-data DIR [--preset tiny] [--num 16]   # synthetic shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import peak_tflops, print_table, wan_forward_flops, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (preset, latent [C, F, H, W], text length, per-rank micro batch)
+CASES = {
+    "tiny": ("tiny", (16, 1, 4, 4), 8, 2),
+    "small": ("small", (16, 2, 8, 8), 16, 2),
+    # Wan 2.1 1.3B at 480p: 81 frames of 480 x 832 -> latent [16, 21, 60, 104] (CUDA only)
+    "wan1.3b-480p": ("wan2.1-t2v-1.3b", (16, 21, 60, 104), 512, 1),
+}
+
+
+def write_synthetic_shards(
+    out_dir: str | os.PathLike,
+    num: int = 16,
+    latent_shape: tuple[int, ...] = (16, 1, 4, 4),
+    text_len: int = 8,
+    text_dim: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Random latents + text embeddings as apt_core shards (for tests, CI and this benchmark)."""
+    from apt_core.shards import ShardWriter
+
+    g = torch.Generator().manual_seed(seed)
+    with ShardWriter(out_dir, {"kind": "synthetic", "latent_shape": list(latent_shape)}, samples_per_shard=8) as w:
+        for i in range(num):
+            n = 1 + int(torch.randint(0, text_len, (1,), generator=g))
+            w.add(
+                torch.randn(latent_shape, generator=g),
+                torch.randn(text_len, text_dim, generator=g),
+                f"synthetic sample {i}",
+                text_len=n,
+                source=f"synthetic/{i}",
+            )
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker: one rank of one (case, world size) measurement
+# ----------------------------------------------------------------------------------------------
+
+
+def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, head_layers: list[int]) -> float:
+    """Model FLOPs of one APT iteration per sample (recompute not counted, as MFU is defined).
+
+    D step: G forward (no grad) + D forward/backward on [real, fake, real + sigma n] (3x batch);
+    G step: G forward/backward + D forward/backward on the fakes. forward/backward = 3 x forward.
+    D runs its backbone only up to the deepest tap.
+    """
+    from apt_core.models.wan import get_config
+
+    cfg = get_config(preset)
+    c, f, h, w = latent
+    tokens = (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    fwd_g = wan_forward_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, tokens, cfg.text_len, cfg.text_dim)
+    fwd_d = wan_forward_flops(cfg.dim, cfg.ffn_dim, max(head_layers) + 1, tokens, cfg.text_len, cfg.text_dim)
+    return fwd_g + 3 * 3 * fwd_d + 3 * fwd_g + 3 * fwd_d
+
+
+def run_worker(case: str, steps: int, out_dir: Path) -> None:
+    """Build the APT stage for `case` (FSDP2; bf16 + activation checkpointing on CUDA), time `steps`
+    iterations after one warm-up, write this rank's numbers to out_dir/rank<r>.json."""
+    from training.config import load_config
+    from training.data import Batch
+    from training.distributed import barrier, destroy, init_distributed
+    from training.loop import APTStage, plan_phases, resolve_wan_config
+
+    preset, latent, text_len, micro = CASES[case]
+    cuda = torch.cuda.is_available()
+    overrides = [
+        "--run.stage=apt", f"--run.device={'cuda' if cuda else 'cpu'}", f"--model.preset={preset}", "--data.path=unused",
+        f"--data.micro_batch={micro}", f"--parallel.mixed_precision={'bf16' if cuda else 'fp32'}",
+        f"--parallel.activation_checkpointing={'true' if cuda else 'false'}", "--apt.image.steps=1000000",
+    ]
+    cfg = load_config(ROOT / "configs/tiny_cpu.toml", overrides)
+    world = init_distributed(cfg.run.device, cfg.parallel.backend)
+    config = resolve_wan_config(cfg)
+    stage = APTStage(cfg, world, config)
+    phase = plan_phases(cfg)[0]
+    stage.begin_phase(phase, first=True)
+    g = torch.Generator().manual_seed(world.rank)
+    batch = Batch(torch.randn(micro, *latent, generator=g), torch.randn(micro, text_len, config.text_dim, generator=g),
+                  torch.full((micro,), text_len), [""] * micro, [""] * micro, torch.arange(micro)).to(world.device)
+    rss_before = _rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(steps + 1):
+        barrier()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        metrics = stage.step(step, batch)
+        float(metrics["g_loss"])  # host sync: the step is done
+        if cuda:
+            torch.cuda.synchronize()
+        if step:  # the first iteration is warm-up
+            times.append(time.perf_counter() - t0)
+    out = {
+        "rank": world.rank,
+        "world_size": world.world_size,
+        "step_s": statistics.median(times),
+        "step_s_all": times,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before_steps_bytes": rss_before,
+        "params_g": sum(p.numel() for p in stage.generator.parameters()),
+    }
+    if cuda:
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        out["head_layers"] = list(stage.discriminator.head_layers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{world.rank}.json").write_text(json.dumps(out))
+    destroy()
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def measure(case: str, nproc: int, steps: int, threads: int) -> dict:
+    """One torchrun job of `nproc` workers for `case`; returns the aggregated row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "bench.trainer_scaling", "--worker", case, "--steps", str(steps), "--out", tmp]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
+    preset, latent, _, micro = CASES[case]
+    step_s = ranks[0]["step_s"]
+    row = {
+        "case": case, "processes": nproc, "threads_per_process": threads, "micro_batch_per_rank": micro,
+        "global_batch": micro * nproc, "step_s": step_s, "samples_per_s": micro * nproc / step_s,
+        "s_per_sample": step_s / (micro * nproc),
+        "peak_rss_mib_max_rank": max(r["peak_rss_bytes"] for r in ranks) / 2**20,
+        "params_g": ranks[0]["params_g"],
+    }
+    if "peak_cuda_bytes" in ranks[0]:
+        flops = _apt_flops_per_sample(preset, latent, CASES[case][2], ranks[0]["head_layers"])
+        peak = peak_tflops()
+        row["peak_cuda_gib"] = max(r["peak_cuda_bytes"] for r in ranks) / 2**30
+        row["tflops_per_gpu"] = flops * micro / step_s / 1e12
+        row["mfu"] = row["tflops_per_gpu"] / peak if peak else None
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default=None, help="comma-separated cases (default: tiny,small on CPU; wan1.3b-480p on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed iterations after one warm-up")
+    p.add_argument("--quick", action="store_true", help="tiny only, 2 timed steps")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
+    p.add_argument("--make-data", metavar="DIR", help="write synthetic shards for configs/tiny_cpu.toml and exit")
+    p.add_argument("--num", type=int, default=16, help="samples for --make-data")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.make_data:
+        print(f"wrote {args.num} samples to {write_synthetic_shards(args.make_data, num=args.num)}")
+        return 0
+    if args.worker:
+        run_worker(args.worker, args.steps or 3, Path(args.out))
+        return 0
+    cuda = torch.cuda.is_available()
+    cases = args.cases.split(",") if args.cases else (["wan1.3b-480p"] if cuda else ["tiny", "small"])
+    if args.quick:
+        cases, args.steps = ["tiny"], 2
+    worlds = [torch.cuda.device_count()] if cuda else [1, 2]
+    rows = []
+    for case in cases:
+        steps = args.steps or (3 if case == "small" or cuda else 5)
+        for n in worlds:
+            t0 = time.perf_counter()
+            rows.append(measure(case, n, steps, args.threads))
+            print(f"{case} x{n}: {rows[-1]['step_s']:.3f} s/iteration ({time.perf_counter() - t0:.0f} s incl. start-up)")
+    columns = ["case", "processes", "global_batch", "step_s", "samples_per_s", "s_per_sample", "peak_rss_mib_max_rank"]
+    if cuda:
+        columns += ["peak_cuda_gib", "tflops_per_gpu", "mfu"]
+    print_table("APT iteration (D step + G step), FSDP2" + (" + bf16 + AC" if cuda else ", fp32, gloo"), rows, columns)
+    path = write_results("trainer_scaling", {
+        "what": "one APT iteration (D step + G step) through training.loop.APTStage; median after 1 warm-up",
+        "memory": "peak RSS per process (ru_maxrss), max over ranks; CUDA: torch.cuda.max_memory_allocated",
+        "rows": rows,
+    })
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
