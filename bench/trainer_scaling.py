@@ -186,7 +186,7 @@ def measure(case: str, nproc: int, steps: int, threads: int) -> dict:
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=None, help="comma-separated cases (default: tiny,small on CPU; wan1.3b-480p on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed iterations after one warm-up")
@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.make_data:
         print(f"wrote {args.num} samples to {write_synthetic_shards(args.make_data, num=args.num)}")
-        return 0
+        return {}
     if args.worker:
         run_worker(args.worker, args.steps or 3, Path(args.out))
-        return 0
+        return {}
     cuda = torch.cuda.is_available()
     cases = args.cases.split(",") if args.cases else (["wan1.3b-480p"] if cuda else ["tiny", "small"])
     if args.quick:
@@ -219,14 +219,28 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         columns += ["peak_cuda_gib", "tflops_per_gpu", "mfu"]
     print_table("APT iteration (D step + G step), FSDP2" + (" + bf16 + AC" if cuda else ", fp32, gloo"), rows, columns)
-    path = write_results("trainer_scaling", {
+    results = {
+        "name": "trainer_scaling",
         "what": "one APT iteration (D step + G step) through training.loop.APTStage; median after 1 warm-up",
         "memory": "peak RSS per process (ru_maxrss), max over ranks; CUDA: torch.cuda.max_memory_allocated",
         "rows": rows,
-    })
+        "checks": _checks(rows),
+    }
+    path = write_results("trainer_scaling", results)
     print(f"\nwrote {path}")
-    return 0
+    return results
+
+
+def _checks(rows: list[dict]) -> dict:
+    """Machine-stable ratios for the suite's regression check: 2- vs 1-process throughput per case."""
+    out = {}
+    for case in {r["case"] for r in rows}:
+        by = {r["processes"]: r for r in rows if r["case"] == case}
+        if 1 in by and 2 in by:
+            out[f"{case}.throughput_2proc_vs_1proc"] = {
+                "value": by[2]["samples_per_s"] / by[1]["samples_per_s"], "higher_is_better": True}
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
