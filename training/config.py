@@ -8,6 +8,8 @@ key's choices are reported by their dotted name, with the allowed keys/values, b
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import sys
 import types
 import typing
@@ -60,7 +62,6 @@ class DataSection:
     path: str = opt("", "shard directory (teacher / cd, and apt phases without their own `data`)")
     micro_batch: int = opt(1, "samples per rank per forward/backward")
     grad_accum: int = opt(1, "micro batches per optimiser step; global batch = micro_batch * grad_accum * world size")
-    shuffle: bool = opt(True, "shuffle every epoch (seeded by run.seed)")
 
 
 @dataclass
@@ -350,31 +351,32 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dumps(cfg: RunConfig) -> str:
-    """TOML text of a config (every key, resolved)."""
-    try:
-        import tomli_w
-
-        return tomli_w.dumps(to_dict(cfg))
-    except ImportError:  # pragma: no cover - tomli-w is a dev dependency; tiny writer as fallback
-        return _dumps_fallback(to_dict(cfg))
+    """TOML text of a config (every key, resolved); no TOML-writer dependency."""
+    return _toml(to_dict(cfg))
 
 
-def _dumps_fallback(d: dict, prefix: str = "") -> str:
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, int):
+        return str(v)
+    raise TypeError(f"cannot write {type(v).__name__} {v!r} as TOML")
 
-    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    text = (f"[{prefix}]\n" if prefix and lines else "") + "\n".join(lines) + ("\n\n" if lines else "")
+
+def _toml(d: dict, prefix: str = "") -> str:
+    """Scalars of a table under its [header], then its sub-tables (blank line between tables)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    parts = [(f"[{prefix}]\n" if prefix else "") + "".join(line + "\n" for line in lines)] if lines or prefix else []
     for k, v in d.items():
         if isinstance(v, dict):
-            text += _dumps_fallback(v, f"{prefix}.{k}" if prefix else k)
-    return text
+            parts.append(_toml(v, f"{prefix}.{k}" if prefix else k))
+    return "\n".join(p for p in parts if p)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:

@@ -108,6 +108,7 @@ def data(tmp_path_factory) -> Path:
     return write_synthetic_shards(tmp_path_factory.mktemp("shards") / "tiny", num=12)
 
 
+@pytest.mark.slow  # ~30 s: several real torchrun jobs
 def test_sigkill_and_resume_matches_uninterrupted_run(data, tmp_path):
     launch(2, run_args(data, tmp_path / "full"))
 

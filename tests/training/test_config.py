@@ -93,10 +93,13 @@ def test_missing_data_path_is_reported(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(ROOT / "configs/wan1.3b_h100.toml", ["--apt.lr=1e-5", "--apt.head_layers=[3, 9]"])
+    cfg.run.dir = 'runs/"quoted" \\ back\nslash \u00e9t\u00e9'  # strings TOML must escape
+    cfg.monitor.d_loss_floor = float("inf")
     saved = save_config(cfg, tmp_path / "out/config.toml")
     again = load_config(saved)
     assert again == cfg
     assert dumps(again) == saved.read_text()
+    assert "[apt.video]\nsteps = 300\n" in saved.read_text()
 
 
 def test_cli_reports_config_errors_and_prints_config(tmp_path, capsys):

@@ -60,6 +60,7 @@ def common_args(data: Path, run_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # ~30 s: several real torchrun jobs
 def test_one_vs_two_processes_fsdp_and_ddp_match(data, tmp_path):
     # global batch 4 everywhere: 1 x (4 x 1), 2 x (2 x 1) FSDP2, 2 x (1 x 2 micro batches) DDP
     runs = {

@@ -154,6 +154,22 @@ def test_validation_outputs_and_no_side_effects(run, files, tmp_path):
     assert res["step"] == 3 and Path(res["export"]["model"]).name == "apt_generator.safetensors"
 
 
+def test_export_only_from_checkpoint(run, monkeypatch, files, tmp_path):
+    args = [f"--run.dir={tmp_path}", f"--data.path={files['data']}", "--apt.image.steps=2", "--apt.video.steps=0",
+            "--monitor.val_every=0"]
+    result, _, _ = run(*args)
+    first = load_file(result["export"]["model"])
+    Path(result["export"]["model"]).unlink()
+    _env(monkeypatch)
+    try:
+        again = train(load_config(ROOT / "configs/tiny_cpu.toml", args), export_only=True)
+    finally:
+        destroy()
+    assert again["step"] == 2 and again["resumed_from"].endswith("step-2")
+    second = load_file(again["export"]["model"])
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_resume_flag_without_checkpoint_fails(monkeypatch, files, tmp_path):
     _env(monkeypatch)
     cfg = load_config(ROOT / "configs/tiny_cpu.toml", [f"--run.dir={tmp_path}", f"--data.path={files['data']}"])
