@@ -9,6 +9,7 @@ ORIGINAL diffusion weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from apt_core.backbone import WanCond, WanFlowModel, index_cond, unwrap
+from apt_core.backbone import WanCond, WanFlowModel, index_cond
 from apt_core.discriminator import APTDiscriminator
 from apt_core.ema import EMA
 from apt_core.flow import add_noise, generate_one_step, sample_timesteps
@@ -383,7 +384,7 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
         result = validator.run(lambda z, ctx: generate_one_step(g, z, WanCond(ctx)), step)
         reshard(g)  # before the swap restores the training weights into the shards
     logger.event(step, "validation", f"samples in {result.get('val_dir', '')}", **result)
-    warning = detector.diversity_warning(result["val_diversity"]) if result["val_diversity"] == result["val_diversity"] else None
+    warning = None if math.isnan(result["val_diversity"]) else detector.diversity_warning(result["val_diversity"])
     if warning:
         logger.event(step, "warning", warning)
     return result
@@ -405,7 +406,11 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
     phases = plan_phases(cfg)
     info = read_info(start_path) if start_path else {"step": 0, "phase": phases[0].name}
     step = int(info["step"])
-    k = next((i for i, p in enumerate(phases) if p.name == info.get("phase")), 0)
+    names = [p.name for p in phases]
+    if info.get("phase") not in names:
+        raise ValueError(f"checkpoint {start_path} was taken in phase {info.get('phase')!r}, but run.stage="
+                         f"{cfg.run.stage!r} has phases {names}; use another run.dir or the matching config")
+    k = names.index(info["phase"])
     stage: Stage = STAGES[cfg.run.stage](cfg, world, config)
     logger = MetricsLogger(run_dir, world, phases[-1].end, cfg.monitor.log_every, cfg.monitor.progress and not export_only,
                            cfg.monitor.tensorboard, start_step=step)
@@ -427,6 +432,7 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
             break
         validator = make_validator(cfg, world, dataset, run_dir)
         batches = _batches(loader, world.device)
+        logger.restart_clock(step)
         while step < phase.end:
             metrics = stage.step(step, next(batches))
             step += 1
@@ -456,7 +462,3 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
     D.barrier()
     return result
 
-
-def generator_module(stage: Stage) -> nn.Module:
-    """The bare generator (no DDP wrapper)."""
-    return unwrap(stage.generator)

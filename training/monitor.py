@@ -69,6 +69,10 @@ class MetricsLogger:
             if tensorboard:
                 self.tb = _tensorboard_writer(Path(run_dir) / "tb")
 
+    def restart_clock(self, step: int) -> None:
+        """Measure it/s from now (excludes model building, checkpoint loading, validation set-up)."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
     def log(self, step: int, metrics: dict[str, torch.Tensor], phase: str = "") -> list[dict[str, Any]] | None:
         """Buffer the metrics of `step` (no host sync); flush every `log_every` steps (returns the rows)."""
         self._buffer.append((step, phase, metrics))
