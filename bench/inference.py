@@ -11,13 +11,21 @@ backends (flash / cuDNN / efficient / math) run.
 from __future__ import annotations
 
 import argparse
-import contextlib
+from functools import partial
 
 import torch
 
 from apt_core.backbone import WanCond, build_flow_model
 from apt_core.flow import euler_sample, generate_one_step
-from bench.common import machine_info, peak_tflops, print_table, sync, time_fn, wan_forward_flops, write_results
+from bench.common import (
+    machine_info,
+    peak_tflops,
+    print_table,
+    sync,
+    time_fn,
+    wan_forward_flops,
+    write_results,
+)
 
 CPU_CASES = {
     # name: (preset, latent shape [C, F, H, W], batch)
@@ -50,9 +58,9 @@ def bench_samplers_cpu(quick: bool) -> list[dict]:
         neg = WanCond(torch.zeros(batch, cfg.text_len, cfg.text_dim))
         steps = 25
         with torch.no_grad():
-            t_one = time_fn(lambda: generate_one_step(model, z, cond), repeat=3 if quick else 5)
+            t_one = time_fn(partial(generate_one_step, model, z, cond), repeat=3 if quick else 5)
             t_multi = time_fn(
-                lambda: euler_sample(model, z, cond, steps=steps, shift=5.0, cfg_scale=5.0, neg_cond=neg),
+                partial(euler_sample, model, z, cond, steps=steps, shift=5.0, cfg_scale=5.0, neg_cond=neg),
                 warmup=1,
                 repeat=1 if quick else 3,
             )
@@ -94,6 +102,7 @@ def bench_dit_gpu(compile_blocks: bool) -> list[dict]:
     for name, (preset, shape) in GPU_CASES.items():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        model = None
         try:
             model = build_flow_model(preset, device="meta")
             model.to_empty(device=device)
@@ -106,7 +115,7 @@ def bench_dit_gpu(compile_blocks: bool) -> list[dict]:
             z = torch.randn(1, *shape, device=device, dtype=torch.bfloat16)
             cond = WanCond(torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=torch.bfloat16))
             with torch.no_grad():
-                seconds = time_fn(lambda: generate_one_step(model, z, cond), device, warmup=2, repeat=5)
+                seconds = time_fn(partial(generate_one_step, model, z, cond), device, warmup=2, repeat=5)
             tokens = tokens_of(cfg, shape)
             flops = wan_forward_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, tokens, cfg.text_len, cfg.text_dim)
             rows.append(
@@ -124,8 +133,7 @@ def bench_dit_gpu(compile_blocks: bool) -> list[dict]:
         except torch.OutOfMemoryError:
             rows.append({"case": name, "error": "out of memory"})
         finally:
-            with contextlib.suppress(NameError):
-                del model
+            del model
             sync(device)
     return rows
 

@@ -157,6 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
         + ("cuda max_memory_allocated - memory_allocated before the first step" if args.device == "cuda"
            else "ru_maxrss - VmRSS before the first step (models and Adam state already allocated)"),
         "rows": rows,
+        # Machine-stable ratios for the suite's regression check: what exact R1 costs over aR1.
+        "checks": {
+            f"{r['case']}.exact_r1_{kind}_vs_approx": {"value": r[f"{kind}_vs_approx"], "higher_is_better": True}
+            for r in rows
+            if r["variant"] != "approx"
+            for kind in ("cpu", "mem")
+        },
     }
     path = write_results("r1_cost", results)
     print(f"\nwrote {path}")
