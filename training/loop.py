@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,22 +93,20 @@ def resolve_wan_config(cfg: RunConfig) -> WanConfig:
     return found
 
 
-def _seeded(seed: int):
-    ctx = torch.random.fork_rng(devices=[])
-    ctx.__enter__()
-    torch.manual_seed(seed)
-    return ctx
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under a fixed CPU seed without touching the caller's RNG stream (seeded inits)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def base_weights(config: WanConfig, path: str, seed: int) -> dict[str, torch.Tensor]:
     """Full Wan weights on CPU (rank 0): from a safetensors file, else a seeded fresh init."""
     if path:
         return load_state_dict_file(path)
-    ctx = _seeded(seed)
-    try:
+    with seeded(seed):
         return WanFlowModel(config).state_dict()
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, path: str, lora: bool, trainable: bool) -> nn.Module:
@@ -124,11 +122,8 @@ def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, path: str, lor
             ref = WanFlowModel(config)
         ref.load_state_dict(base_weights(config, path, cfg.run.seed), assign=True)
         if lora:
-            ctx = _seeded(cfg.run.seed + 1)
-            try:
+            with seeded(cfg.run.seed + 1):
                 inject_lora(ref, rank, alpha)
-            finally:
-                ctx.__exit__(None, None, None)
         full = ref.state_dict()
     if not trainable:
         model.requires_grad_(False)
@@ -148,11 +143,8 @@ def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase
         with torch.device("meta"):
             ref_backbone = WanFlowModel(config)
         ref_backbone.load_state_dict(base_weights(config, cfg.model.init_from, cfg.run.seed), assign=True)
-        ctx = _seeded(cfg.run.seed + 2)
-        try:
+        with seeded(cfg.run.seed + 2):
             full = APTDiscriminator(ref_backbone, **kwargs).state_dict()
-        finally:
-            ctx.__exit__(None, None, None)
     return parallelize(disc, full, cfg.parallel, world)
 
 
