@@ -90,7 +90,8 @@ def test_teacher_learns_and_grad_accum_is_exact(run, files, tmp_path):
 def test_cd_stage_with_cfg(run, files, tmp_path):
     result, rows, _ = run("--run.stage=cd", "--run.steps=3", f"--run.dir={tmp_path}", f"--data.path={files['data']}",
                           f"--model.init_from={files['base']}", "--cd.cfg_scale=3.0", "--cd.grid_steps=4",
-                          "--cd.lr=1e-3", "--export.dtype=fp32", "--monitor.val_every=0")
+                          "--cd.lr=1e-3", "--export.dtype=fp32", "--monitor.val_every=0",
+                          "--parallel.strategy=none")  # plain single-process path (no FSDP)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     student = load_file(result["export"]["model"])
     teacher = load_state_dict_file(files["base"])
