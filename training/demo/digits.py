@@ -91,12 +91,14 @@ def bounce_track(start: int, step: int, frames: int) -> list[int]:
 def paste(digits: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """digits [N, 12, 12] in [0, 1], offsets [N, F, 2] -> pixels [N, 1, F, 16, 16] in [-1, 1]."""
     n, f = offsets.shape[:2]
-    out = torch.zeros(n, 1, f, CANVAS, CANVAS)
-    for i in range(n):
-        for j in range(f):
-            y, x = offsets[i, j].tolist()
-            out[i, 0, j, y : y + DIGIT, x : x + DIGIT] = digits[i]
-    return out * 2 - 1
+    out = torch.zeros(n, f, CANVAS, CANVAS)
+    frame_digits = digits[:, None].expand(n, f, DIGIT, DIGIT)
+    for y in range(MAX_OFFSET + 1):
+        for x in range(MAX_OFFSET + 1):
+            sel = (offsets[..., 0] == y) & (offsets[..., 1] == x)  # [N, F]
+            if sel.any():
+                out[:, :, y : y + DIGIT, x : x + DIGIT][sel] = frame_digits[sel]
+    return out[:, None] * 2 - 1
 
 
 def render(
@@ -106,23 +108,22 @@ def render(
     labels = torch.as_tensor(labels, dtype=torch.long)
     rng = np.random.RandomState(seed)
     n = len(labels) * copies
-    offsets = torch.zeros(n, frames, 2, dtype=torch.long)
-    directions = torch.full((n,), -1, dtype=torch.long)
+    offsets = np.zeros((n, frames, 2), dtype=np.int64)
+    directions = np.full(n, -1, dtype=np.int64)
     src = torch.arange(len(labels)).repeat(copies)
     for i in range(n):
         if frames == 1:
-            offsets[i, 0] = torch.as_tensor(rng.randint(0, MAX_OFFSET + 1, size=2))
+            offsets[i, 0] = rng.randint(0, MAX_OFFSET + 1, size=2)
             continue
         d = int(rng.randint(4))
         dy, dx = DIRECTION_STEPS[d]
         axis, step = (0, dy) if dy else (1, dx)
         # start so that the first move is possible in the caption's direction
         lo, hi = (1, MAX_OFFSET) if step < 0 else (0, MAX_OFFSET - 1)
-        track = bounce_track(int(rng.randint(lo, hi + 1)), step, frames)
-        other = int(rng.randint(0, MAX_OFFSET + 1))
-        for j, p in enumerate(track):
-            offsets[i, j, axis], offsets[i, j, 1 - axis] = p, other
+        offsets[i, :, axis] = bounce_track(int(rng.randint(lo, hi + 1)), step, frames)
+        offsets[i, :, 1 - axis] = int(rng.randint(0, MAX_OFFSET + 1))
         directions[i] = d
+    offsets, directions = torch.from_numpy(offsets), torch.from_numpy(directions)
     lab = labels[src]
     caps = [image_caption(int(c)) if frames == 1 else video_caption(int(c), int(d)) for c, d in zip(lab, directions)]
     return DigitSet(paste(digits[src], offsets), lab, directions, caps, offsets)
@@ -147,31 +148,32 @@ def direction_of(offsets: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def write_shards(out_dir: Path, data: DigitSet, embedder, source: str, fps: float = 8.0) -> Path:
-    """Write a rendered split as `apt_core.shards` shards: pixels [1, F, 16, 16], text embedding, caption."""
+def write_shards(out_dir: Path, sets: list[DigitSet], embedder, null_fraction: float = 0.0, seed: int = 0) -> Path:
+    """Write rendered sets as one `apt_core.shards` dataset: pixels [1, F, 16, 16], text embedding, caption.
+
+    `null_fraction` of the samples (chosen with `seed`) get the empty caption "" (zero context,
+    text_len 0): caption dropout baked into the data, so the teacher also learns the unconditional
+    velocity that classifier-free guidance needs.
+    """
     from apt_core.shards import ShardWriter
 
-    ctx, lengths = embedder(data.captions)
     meta = {
-        "dataset": "uci-digits (sklearn load_digits), CC BY 4.0",
+        "dataset": "UCI optical recognition of handwritten digits (sklearn load_digits), CC BY 4.0",
         "space": "pixels",
-        "channels": "1",
-        "value_range": "[-1, 1]",
+        "value_range": [-1, 1],
         "text_encoder": "training.demo.text.TextEncoder (frozen, seed 0)",
+        "negative_prompt": "",
     }
-    out_dir = Path(out_dir)
-    with ShardWriter(out_dir, meta) as w:
-        for i in range(len(data)):
-            w.add(
-                latent=data.pixels[i],
-                text_emb=ctx[i],
-                text_len=int(lengths[i]),
-                caption=data.captions[i],
-                source=f"{source}/{i}",
-                fps=fps,
-                frame_indices=list(range(data.pixels.shape[2])),
-            )
-    return out_dir
+    rng = np.random.RandomState(seed)
+    with ShardWriter(Path(out_dir), meta, samples_per_shard=4096, mode="overwrite") as w:
+        for k, data in enumerate(sets):
+            captions = [("" if rng.rand() < null_fraction else c) for c in data.captions]
+            ctx, lengths = embedder(captions)
+            frames = data.pixels.shape[2]
+            for i in range(len(data)):
+                w.add(data.pixels[i], ctx[i], captions[i], text_len=int(lengths[i]), source=f"set{k}/{i}",
+                      fps=8.0 if frames > 1 else 0.0, frame_indices=list(range(frames)))
+    return Path(out_dir)
 
 
 __all__ = ["DIRECTIONS", "DigitSet", "load_raw", "load_split", "render", "split_indices", "upscale", "write_shards"]
