@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from apt_core.backbone import unwrap
 from apt_core.flow import sample_timesteps
+from apt_core.models.io import compare_shapes, describe_mismatch
 
 PAPER_TAPS = (16, 26, 36)  # 1-based "after block k" of a 36-block model (APT sec. 3.3)
 PAPER_DEPTH = 36
@@ -186,23 +187,15 @@ class APTDiscriminator(nn.Module):
     # -- compatibility ------------------------------------------------------------------------
     def check_compatible(self, generator: nn.Module) -> None:
         """Raise ValueError if `generator` is not the architecture this discriminator was built from."""
-        other = param_signature(generator)
-        missing = sorted(set(self.signature) - set(other))
-        extra = sorted(set(other) - set(self.signature))
-        shapes = [f"{k}: D {self.signature[k]} vs G {other[k]}" for k in self.signature if k in other and other[k] != self.signature[k]]
-        if not (missing or extra or shapes):
-            return
-        parts = []
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches, e.g. {shapes[:3]}")
-        if missing:
-            parts.append(f"{len(missing)} parameters only in D's backbone, e.g. {missing[:3]}")
-        if extra:
-            parts.append(f"{len(extra)} parameters only in the generator, e.g. {extra[:3]}")
-        raise ValueError(
-            "discriminator built from a different model than the generator: " + "; ".join(parts)
-            + ". Build the discriminator from the same base model as the generator."
-        )
+        missing, extra, shapes = compare_shapes(self.signature, param_signature(generator))
+        if missing or extra or shapes:
+            found = describe_mismatch(
+                missing, extra, shapes, ("parameter(s) only in D's backbone", "parameter(s) only in the generator"), ("G", "D")
+            )
+            raise ValueError(
+                f"discriminator built from a different model than the generator: {found}. "
+                "Build the discriminator from the same base model as the generator."
+            )
 
     # -- forward ------------------------------------------------------------------------------
     def sample_t(self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:

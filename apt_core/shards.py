@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from apt_core.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -69,34 +70,6 @@ class Sample:
     fps: float = 0.0
     frame_indices: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable per-sample info
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json(obj: Any, what: str) -> str:
@@ -235,7 +208,8 @@ class ShardWriter:
                   "dataset": _json(self.metadata, "metadata"), "samples": _json(infos, "samples"),
                   "writer": _json({"shard_index": self.shard_index, "num_shards": self.num_shards, "seq": seq},
                                   "writer")}
-        _atomic_save_safetensors(path, tensors, header)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
         self._shards.append({"file": path.name, "num_samples": len(infos),
                              "latent_shapes": [list(s.latent.shape) for s in self._pending],
                              "sources": [s.source for s in self._pending]})
@@ -248,7 +222,7 @@ class ShardWriter:
                 "writer": {"shard_index": self.shard_index, "num_shards": self.num_shards},
                 "metadata": self.metadata, "complete": complete,
                 "num_samples": sum(s["num_samples"] for s in self._shards), "shards": self._shards}
-        _atomic_write_text(self.out_dir / index_name(self.shard_index), json.dumps(part, ensure_ascii=False, indent=1))
+        atomic_write_text(self.out_dir / index_name(self.shard_index), json.dumps(part, ensure_ascii=False, indent=1))
 
     def close(self) -> None:
         """Flush and mark this writer's index part complete."""

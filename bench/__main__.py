@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from apt_core.fileio import atomic_write_text
 from bench.common import write_results
 
 BENCHMARKS = ["inference", "r1_cost", "trainer_scaling"]
@@ -25,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def baseline_path() -> Path:
+    """The stored ratios to compare with: one file for CPU runs, one for CUDA runs."""
     return HERE / ("baseline_gpu.json" if torch.cuda.is_available() else "baseline_cpu.json")
 
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.write_baseline:
         base = {"checks": {k: {"value": v, "higher_is_better": directions[k], "rel_tol": 0.5} for k, v in checks.items()}}
-        baseline_path().write_text(json.dumps(base, indent=2) + "\n")
+        atomic_write_text(baseline_path(), json.dumps(base, indent=2) + "\n")
         print(f"wrote baseline {baseline_path()}")
     if args.check:
         path = baseline_path()

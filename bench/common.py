@@ -7,10 +7,13 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from apt_core.fileio import atomic_write_text
+from apt_core.models.wan import WanConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -56,6 +59,7 @@ def peak_tflops() -> float | None:
 
 
 def sync(device: torch.device | str) -> None:
+    """Wait for queued CUDA work (a no-op on CPU), so a timer measures the work itself."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -73,6 +77,13 @@ def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", warmup
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
+
+
+def tokens_of(cfg: WanConfig, shape: Sequence[int]) -> int:
+    """Transformer tokens of a latent [C, F, H, W] under the config's patch size."""
+    _, f, h, w = shape
+    pf, ph, pw = cfg.patch_size
+    return (f // pf) * (h // ph) * (w // pw)
 
 
 def wan_forward_flops(dim: int, ffn_dim: int, num_layers: int, tokens: int, text_len: int, text_dim: int) -> float:
@@ -113,8 +124,4 @@ def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path
     out_dir = out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_info(), "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out_dir / f"{name}.json", json.dumps(payload, indent=2))

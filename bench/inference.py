@@ -23,6 +23,7 @@ from bench.common import (
     print_table,
     sync,
     time_fn,
+    tokens_of,
     wan_forward_flops,
     write_results,
 )
@@ -37,12 +38,6 @@ GPU_CASES = {
     "wan1.3b-720p-81f": ("wan2.1-t2v-1.3b", (16, 21, 90, 160)),
     "wan14b-720p-81f": ("wan2.1-t2v-14b", (16, 21, 90, 160)),
 }
-
-
-def tokens_of(cfg, shape) -> int:
-    _, f, h, w = shape
-    pf, ph, pw = cfg.patch_size
-    return (f // pf) * (h // ph) * (w // pw)
 
 
 def bench_samplers_cpu(quick: bool) -> list[dict]:

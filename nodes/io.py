@@ -67,6 +67,7 @@ class APTSaveGenerator:
     def save(self, model, format, filename, dtype, overwrite):
         import torch
 
+        from apt_core.fileio import refuse_overwrite
         from apt_core.models.io import save_state_dict_file
 
         from .comfy_backbone import effective_state_dict
@@ -74,8 +75,7 @@ class APTSaveGenerator:
         check_model(model)
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         path = target_path(format, filename)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; turn on 'overwrite' to replace it or choose another filename")
+        refuse_overwrite(path, overwrite, "turn on 'overwrite'")  # before the (slow) weight export
         if format == "lora":
             sd = {k: v.to(dt) if k.endswith(".weight") else v.float() for k, v in lora_for_saving(model).items()}
         else:
@@ -172,6 +172,7 @@ class APTExportTrainConfig:
         }, "hidden": {"prompt": "PROMPT"}}
 
     def export(self, stage, init_from, generator_init, data_path, run_dir, filename, overwrite, prompt=None):
+        from apt_core.fileio import refuse_overwrite
         from training.config import save_config
 
         from .comfy_env import output_dir, resolve_path
@@ -179,8 +180,7 @@ class APTExportTrainConfig:
         cfg = run_config_from_prompt(prompt or {}, stage, init_from, data_path, run_dir, generator_init)
         name = filename.strip() if filename.strip().endswith(".toml") else filename.strip() + ".toml"
         path = resolve_path(name, output_dir(), "filename")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; turn on 'overwrite' to replace it or choose another filename")
+        refuse_overwrite(path, overwrite, "turn on 'overwrite'")
         save_config(cfg, path)
         text = f"wrote {path} (stage {stage}); run: python -m training --config {path.name}"
         return {"ui": {"text": [text]}, "result": (str(path),)}

@@ -51,12 +51,13 @@ class DiscriminatorSpec:
 
     def check_generator(self, generator: Any) -> None:
         """ValueError if the generator is not the architecture D was built from."""
-        other = model_signature(generator)
-        diff = sorted(k for k in set(self.signature) | set(other) if self.signature.get(k) != other.get(k))
-        if diff:
-            ex = [f"{k}: D {self.signature.get(k)} vs G {other.get(k)}" for k in diff[:3]]
-            raise ValueError(f"the discriminator was built from a different model than the generator ({len(diff)} tensors differ, "
-                             f"e.g. {ex}). Build APT Discriminator from the base Wan model the generator was distilled from.")
+        from apt_core.models.io import compare_shapes, describe_mismatch
+
+        missing, extra, shapes = compare_shapes(self.signature, model_signature(generator))
+        if missing or extra or shapes:
+            found = describe_mismatch(missing, extra, shapes, ("tensor(s) only in D's model", "tensor(s) only in the generator"), ("G", "D"))
+            raise ValueError(f"the discriminator was built from a different model than the generator: {found}. "
+                             "Build APT Discriminator from the base Wan model the generator was distilled from.")
 
     def build(self, device, dtype, timestep_shift: float, checkpointing: bool):
         import torch

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,22 +90,11 @@ def _settings_dict(s: Any) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Atomic safetensors write (contiguous CPU copies)."""
-    from safetensors.torch import save_file
+    """Atomic safetensors write (apt_core.models.io), replacing the run's previous file."""
+    from apt_core.models.io import save_state_dict_file
 
-    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic(path, lambda p: save_file(data, str(p), metadata=metadata))
+    save_state_dict_file(tensors, path, metadata=metadata, overwrite=True)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -188,16 +176,19 @@ class _Run:
 
     def save(self) -> Path | None:
         """Write the state directory (tensor files first, state.json last); None without a directory."""
+        from apt_core.fileio import atomic_path, atomic_write_text
+
         if self.state_dir is None:
             return None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for name, sd in self._tensor_files().items():
             save_tensors(self.state_dir / f"{name}.safetensors", sd)
         optim = {k: o.state_dict() for k, o in self._optimizers().items()}
-        _atomic(self.state_dir / "optim.pt", lambda p: torch.save(optim, p))
+        with atomic_path(self.state_dir / "optim.pt") as tmp:
+            torch.save(optim, tmp)
         state = {"kind": self.kind, "step": self.step_count, "settings": _settings_dict(self.settings),
                  "loader": self.loader.state_dict(), "history": self.history}
-        _atomic(self.state_dir / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=1)))
+        atomic_write_text(self.state_dir / STATE_FILE, json.dumps(state, indent=1))
         return self.state_dir
 
     def resume(self) -> bool:

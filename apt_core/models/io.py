@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,11 +20,43 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from apt_core.fileio import atomic_path, refuse_overwrite
 from apt_core.models.wan import WanConfig, get_config
 
 CONFIG_METADATA_KEY = "apt.wan_config"
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _SHOW = 5  # example keys per category in error messages
+
+
+Mismatch = tuple[str, tuple, tuple]  # (key, shape found, shape expected)
+
+
+def compare_shapes(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[Mismatch]]:
+    """(missing, unexpected, shape mismatches) of the names/shapes `found` against those `expected`."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [(k, tuple(s), tuple(expected[k])) for k, s in found.items() if k in expected and tuple(s) != tuple(expected[k])]
+    return missing, unexpected, mismatched
+
+
+def describe_mismatch(
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[Mismatch],
+    labels: tuple[str, str] = ("missing key(s)", "unexpected key(s)"),
+    sides: tuple[str, str] = ("file", "model"),
+) -> str:
+    """'N missing key(s) (e.g. ...); M unexpected key(s) (e.g. ...); K shape mismatch(es) (e.g. k: file [..] vs model [..])'."""
+    parts = []
+    for keys, label in ((missing, labels[0]), (unexpected, labels[1])):
+        if keys:
+            parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:_SHOW])})")
+    if mismatched:
+        shown = ", ".join(f"{k}: {sides[0]} {list(a)} vs {sides[1]} {list(b)}" for k, a, b in mismatched[:_SHOW])
+        parts.append(f"{len(mismatched)} shape mismatch(es) (e.g. {shown})")
+    return "; ".join(parts)
 
 
 class WeightsMismatchError(ValueError):
@@ -35,23 +66,16 @@ class WeightsMismatchError(ValueError):
         self,
         missing: list[str],
         unexpected: list[str],
-        mismatched: list[tuple[str, tuple, tuple]],
+        mismatched: list[Mismatch],
         source: str | os.PathLike | None = None,
+        hint: str = "pass config=... to load_wan, or strict=False to allow missing/extra keys",
     ):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
         self.source = str(source) if source is not None else None
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:_SHOW])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:_SHOW])})")
-        if mismatched:
-            shown = ", ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in mismatched[:_SHOW])
-            parts.append(f"{len(mismatched)} shape mismatch(es) (e.g. {shown})")
         where = f"weights in {self.source}" if self.source else "state dict"
         super().__init__(
-            f"{where} do not match the model: " + "; ".join(parts) + ". Check that the file is a Wan 2.1 T2V DiT "
-            "of the same size as the config (pass config=... to load_wan, or strict=False to allow missing/extra keys)."
+            f"{where} do not match the model: {describe_mismatch(missing, unexpected, mismatched)}. "
+            f"Check that the file is a Wan 2.1 T2V DiT of the same size as the config ({hint})."
         )
 
 
@@ -121,8 +145,7 @@ def save_state_dict_file(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: weights are written as .safetensors only; use a .safetensors file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    refuse_overwrite(path, overwrite)
     meta = {"format": "pt"}
     for k, v in (metadata or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -139,16 +162,8 @@ def save_state_dict_file(
         tensors[k] = v.detach().to("cpu").contiguous()
     _dedupe_shared(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the temp file lives beside the target (same filesystem: os.replace is atomic) and is hidden
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -174,13 +189,10 @@ def save_wan(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, s
 
 def check_state_dict(
     model: nn.Module, sd: Mapping[str, torch.Tensor]
-) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
+) -> tuple[list[str], list[str], list[Mismatch]]:
     """(missing, unexpected, shape mismatches) of `sd` against `model.state_dict()`."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [(k, tuple(v.shape), expected[k]) for k, v in sd.items() if k in expected and tuple(v.shape) != expected[k]]
-    return missing, unexpected, mismatched
+    return compare_shapes(expected, {k: tuple(v.shape) for k, v in sd.items()})
 
 
 def load_into(
@@ -197,7 +209,8 @@ def load_into(
         raise WeightsMismatchError(missing, unexpected, mismatched, source)
     on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     if on_meta and missing:
-        raise WeightsMismatchError(missing, [], [], source)  # would leave meta (unallocated) parameters
+        # strict=False cannot help here: a missing key would stay an unallocated meta parameter
+        raise WeightsMismatchError(missing, [], [], source, hint="a model built on the meta device needs every key")
     model.load_state_dict(sd, strict=strict, assign=on_meta)
     return model
 

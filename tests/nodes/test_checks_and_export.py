@@ -1,20 +1,23 @@
 """Actionable checks, LoRA combination, path handling and the cluster-config export (no ComfyUI needed)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from apt_core.models.wan import build_wan, get_config
 from nodes.comfy_backbone import (
     combine_loras,
     conditioning_context,
     context_problem,
     family_problem,
     latent_problem,
+    model_signature,
 )
 from nodes.comfy_env import resolve_path
 from nodes.io import run_config_from_prompt
-from nodes.train import parse_layers
+from nodes.train import DiscriminatorSpec, parse_layers
 from tests.nodes.comfy_schema import ROOT
 
 
@@ -98,3 +101,18 @@ def test_export_reads_the_graphs_settings(tmp_path):
     assert back == cfg
     cd = run_config_from_prompt({}, "cd", "/m/wan.safetensors", "/d/shards", "runs/cd")
     assert cd.run.stage == "cd" and cd.run.steps == 500 and cd.model.lora_rank == 32
+
+
+def test_discriminator_spec_names_what_differs_from_the_generator():
+    """APT Train refuses a generator of another architecture, naming the tensors and both shapes."""
+
+    def model(**overrides):  # what model_signature reads of a ComfyUI MODEL: .model.diffusion_model
+        return SimpleNamespace(model=SimpleNamespace(diffusion_model=build_wan(get_config("tiny", **overrides), device="meta")))
+
+    base = model()
+    spec = DiscriminatorSpec(base, None, "lora", 4, model_signature(base))
+    spec.check_generator(model())
+    with pytest.raises(ValueError, match=r"different model.*27 tensor\(s\) only in the generator \(e.g. blocks.2"):
+        spec.check_generator(model(num_layers=3))
+    with pytest.raises(ValueError, match=r"shape mismatch.*blocks.0.ffn.0.weight: G \[96, 64\] vs D \[128, 64\]"):
+        spec.check_generator(model(ffn_dim=96))
