@@ -1,22 +1,19 @@
-"""Media I/O with PyAV and Pillow: decode videos/images into fixed-size uint8 clips, encode videos,
-and scan a folder of media + captions into a training list with a per-file error report.
+"""Media I/O with PyAV and Pillow: decode videos/images into fixed-size uint8 clips, encode videos.
 
 Everything here is pure Python/PyTorch (no ComfyUI), so the ComfyUI dataset node and the headless
-trainer share one decoder. Frames are ``uint8 [F, H, W, 3]`` RGB, channels last.
+trainer share one decoder. Frames are ``uint8 [F, H, W, 3]`` RGB, channels last. Scanning a folder
+of media + captions into a training list lives in `apt_core.media_scan` (its names are also
+importable from here).
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import logging
 import math
 import os
 import random
-import uuid
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,16 +23,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-log = logging.getLogger(__name__)
+from apt_core.fileio import atomic_path, refuse_overwrite
 
 VIDEO_EXTS = frozenset({".mp4", ".m4v", ".webm", ".mov", ".mkv", ".avi"})
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv", "metadata.jsonl", "metadata.csv",
-                  "captions.jsonl", "captions.csv")
-CAPTION_POLICIES = ("error", "empty", "filename")
 START_MODES = ("first", "center", "random")
-_FILE_KEYS = ("file", "file_name", "path", "video", "image")
-_CAPTION_KEYS = ("caption", "text", "prompt")
 _TIE_EPS = 1e-6  # seconds; a target exactly between two frames takes the earlier one
 
 # Errors a broken file can raise while being opened/decoded (caught per file, never globally).
@@ -396,8 +388,7 @@ def write_video(path: str | os.PathLike, frames, fps: float, codec: str | None =
     by one edge pixel (yuv420p needs even dims). Refuses to replace an existing file unless overwrite.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    refuse_overwrite(path, overwrite)
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"write_video fps must be positive, got {fps!r}")
     arr = _to_uint8_frames(frames)
@@ -413,232 +404,29 @@ def write_video(path: str | os.PathLike, frames, fps: float, codec: str | None =
         options = {"crf": str(24 if crf is None else crf), "b:v": "0"}
         if codec == "libvpx-vp9":
             options.update({"deadline": "realtime", "cpu-used": "8"})
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        with av.open(str(tmp), "w") as container:
-            stream = container.add_stream(codec, rate=rate, options=options)
-            stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
-            if codec == "mpeg4":
-                stream.bit_rate = max(2_000_000, int(arr.shape[1] * arr.shape[2] * float(rate) * 2))
-            for i, img in enumerate(arr):
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-                frame.pts = i
-                frame.time_base = 1 / rate
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, keep_suffix=True) as tmp, av.open(str(tmp), "w") as container:
+        stream = container.add_stream(codec, rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = arr.shape[2], arr.shape[1], "yuv420p"
+        if codec == "mpeg4":
+            stream.bit_rate = max(2_000_000, int(arr.shape[1] * arr.shape[2] * float(rate) * 2))
+        for i, img in enumerate(arr):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            frame.time_base = 1 / rate
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
     return path
 
 
-# ----------------------------------------------------------------------------- captions + scanning
-@dataclass
-class MediaItem:
-    """One usable media file and its caption."""
-
-    path: Path
-    caption: str
-    kind: str = ""
-
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        self.kind = self.kind or (media_kind(self.path) or "")
+# Folder scanning moved to apt_core.media_scan; its public names stay importable from here.
+_SCAN_NAMES = frozenset({"CAPTION_POLICIES", "MANIFEST_NAMES", "DecodedClip", "DecodeReport", "MediaItem", "MediaReport",
+                         "ScanReport", "iter_decoded", "scan_media_folder"})
 
 
-@dataclass
-class MediaReport:
-    """Files skipped per reason (path, detail), with a warning logged for each; summary() for humans."""
+def __getattr__(name: str):
+    """Lazy re-export of apt_core.media_scan's names (it imports this module, so not at import time)."""
+    if name in _SCAN_NAMES:
+        from apt_core import media_scan
 
-    title: str = "media"
-    ok: int = 0
-    corrupt: list[tuple[str, str]] = field(default_factory=list)
-    empty: list[tuple[str, str]] = field(default_factory=list)
-    not_media: list[tuple[str, str]] = field(default_factory=list)
-    missing_caption: list[tuple[str, str]] = field(default_factory=list)
-    missing_file: list[tuple[str, str]] = field(default_factory=list)
-    too_short: list[tuple[str, str]] = field(default_factory=list)
-
-    REASONS = ("corrupt", "empty", "not_media", "missing_caption", "missing_file", "too_short")
-
-    def add(self, reason: str, path: str | os.PathLike, detail: str = "") -> None:
-        """Record a skipped file under ``reason`` and log a warning naming it."""
-        if reason not in self.REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; expected one of {self.REASONS}")
-        getattr(self, reason).append((str(path), detail))
-        log.warning("%s: skipping %s (%s%s)", self.title, path, reason, f": {detail}" if detail else "")
-
-    @property
-    def skipped(self) -> list[tuple[str, str, str]]:
-        """All skipped files as (reason, path, detail)."""
-        return [(r, p, d) for r in self.REASONS for p, d in getattr(self, r)]
-
-    def paths(self, reason: str) -> list[str]:
-        """Skipped paths for one reason."""
-        return [p for p, _ in getattr(self, reason)]
-
-    def summary(self) -> str:
-        """Multi-line human-readable summary: counts, then each skipped file with its reason."""
-        skipped = self.skipped
-        lines = [f"{self.title}: {self.ok} ok, {len(skipped)} skipped"]
-        for r in self.REASONS:
-            entries = getattr(self, r)
-            if entries:
-                lines.append(f"  {r} ({len(entries)}):")
-                lines.extend(f"    {p}" + (f": {d}" if d else "") for p, d in entries)
-        return "\n".join(lines)
-
-
-class ScanReport(MediaReport):
-    """Report of scan_media_folder."""
-
-
-class DecodeReport(MediaReport):
-    """Report of iter_decoded."""
-
-
-def _read_manifest(manifest: Path, root: Path) -> dict[Path, str]:
-    """Captions from JSONL ({"file", "caption"} per line) or CSV (file,caption header); paths relative to root."""
-    out: dict[Path, str] = {}
-
-    def put(entry: dict, where: str) -> None:
-        fkey = next((k for k in _FILE_KEYS if k in entry), None)
-        ckey = next((k for k in _CAPTION_KEYS if k in entry), None)
-        if fkey is None or ckey is None:
-            raise ValueError(f"{manifest}{where}: needs a file column {_FILE_KEYS} and a caption column "
-                             f"{_CAPTION_KEYS}, got keys {sorted(entry)}")
-        p = Path(str(entry[fkey]))
-        out[(p if p.is_absolute() else root / p).resolve()] = "" if entry[ckey] is None else str(entry[ckey])
-
-    if manifest.suffix.lower() == ".jsonl":
-        for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{manifest}:{n}: invalid JSON ({e.msg}); expected {{\"file\", \"caption\"}}") from e
-                if not isinstance(entry, dict):
-                    raise ValueError(f"{manifest}:{n}: expected a JSON object, got {type(entry).__name__}")
-                put(entry, f":{n}")
-    elif manifest.suffix.lower() == ".csv":
-        with open(manifest, newline="", encoding="utf-8") as f:
-            for n, row in enumerate(csv.DictReader(f), 2):
-                put({k.strip(): v for k, v in row.items() if k is not None}, f":{n}")
-    else:
-        raise ValueError(f"{manifest}: manifest must be .jsonl or .csv")
-    return out
-
-
-def _sidecar_caption(path: Path) -> str | None:
-    for cand in (path.with_suffix(".txt"), path.with_name(path.name + ".txt")):
-        if cand.is_file():
-            text = cand.read_text(encoding="utf-8", errors="replace").strip()
-            return text or None
-    return None
-
-
-def _probe(path: Path, kind: str) -> None:
-    """Cheap validity check: open the container / image header (raises on corrupt files)."""
-    if kind == "image":
-        with Image.open(path) as img:
-            img.verify()
-        return
-    with av.open(str(path), metadata_errors="ignore") as c:
-        if not c.streams.video:
-            raise NotMediaError("no video stream")
-
-
-def scan_media_folder(root: str | os.PathLike, caption_policy: str = "error",
-                      manifest: str | os.PathLike | None = None, *, recursive: bool = True,
-                      probe: bool = True, strict: bool = False) -> tuple[list[MediaItem], ScanReport]:
-    """List media files under ``root`` with captions; skipped files are reported by reason, not raised.
-
-    Captions: manifest (JSONL/CSV; auto-detected as one of MANIFEST_NAMES in root) first, then a
-    sidecar ``<name>.txt``. Missing caption: "error" skips the file (reported), "empty" uses "",
-    "filename" uses the file stem with _ and - as spaces. probe opens each file's header to catch
-    corrupt files early. strict raises ValueError with the summary if anything was skipped.
-    """
-    if caption_policy not in CAPTION_POLICIES:
-        raise ValueError(f"caption_policy must be one of {CAPTION_POLICIES}, got {caption_policy!r}")
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"media folder {root} does not exist or is not a directory")
-    if manifest is None:
-        manifest = next((root / n for n in MANIFEST_NAMES if (root / n).is_file()), None)
-    captions = _read_manifest(Path(manifest), root) if manifest is not None else {}
-    manifest_path = Path(manifest).resolve() if manifest is not None else None
-    report = ScanReport(title=f"scan {root}")
-    files = sorted(p for p in (root.rglob("*") if recursive else root.iterdir())
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    seen: set[Path] = set()
-    items: list[MediaItem] = []
-    for p in files:
-        rp = p.resolve()
-        if rp == manifest_path or p.suffix.lower() == ".txt":
-            continue
-        kind = media_kind(p)
-        if kind is None:
-            report.add("not_media", p, f"extension {p.suffix or '(none)'!r} is not a video or image")
-            continue
-        seen.add(rp)
-        if p.stat().st_size == 0:
-            report.add("empty", p, "0 bytes")
-            continue
-        if probe:
-            try:
-                _probe(p, kind)
-            except NotMediaError as e:
-                report.add("not_media", p, str(e))
-                continue
-            except DECODE_ERRORS as e:
-                report.add("corrupt", p, f"{type(e).__name__}: {e}")
-                continue
-        caption = captions.get(rp)
-        if caption is None:
-            caption = _sidecar_caption(p)
-        if caption is None:
-            if caption_policy == "error":
-                report.add("missing_caption", p, "no manifest entry or sidecar .txt")
-                continue
-            caption = "" if caption_policy == "empty" else p.stem.replace("_", " ").replace("-", " ").strip()
-        items.append(MediaItem(p, caption, kind))
-    for rp in sorted(set(captions) - seen):
-        report.add("missing_file", rp, f"listed in {manifest} but not found")
-    report.ok = len(items)
-    if strict and report.skipped:
-        raise ValueError(report.summary())
-    return items, report
-
-
-@dataclass
-class DecodedClip:
-    """A decoded media item: frames uint8 [F, H, W, 3] and where they came from."""
-
-    item: MediaItem
-    frames: torch.Tensor
-    info: ClipInfo
-
-
-def iter_decoded(items: Iterable[MediaItem], config: DecodeConfig | None = None,
-                 report: DecodeReport | None = None,
-                 rng: random.Random | np.random.Generator | None = None) -> Iterator[DecodedClip]:
-    """Decode items one by one; a file that fails is logged, recorded in ``report`` and skipped."""
-    cfg = config or DecodeConfig()
-    if cfg.start == "random" and rng is None:  # a config error, not a per-file one: fail before the loop
-        raise ValueError("DecodeConfig.start='random' needs an rng (random.Random or numpy Generator)")
-    report = report if report is not None else DecodeReport(title="decode")
-    for item in items:
-        try:
-            frames, info = read_media(item.path, cfg, rng)
-        except MediaError as e:
-            report.add(e.reason, item.path, str(e))
-            continue
-        except FileNotFoundError as e:
-            report.add("missing_file", item.path, str(e))
-            continue
-        except DECODE_ERRORS as e:
-            report.add("corrupt", item.path, f"{type(e).__name__}: {e}")
-            continue
-        report.ok += 1
-        yield DecodedClip(item, frames, info)
+        return getattr(media_scan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

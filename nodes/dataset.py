@@ -79,12 +79,12 @@ def encode_folder(
     encode_text: Callable[[str], torch.Tensor],
     on_item: Callable[[int], None] | None = None,
 ):
-    """Decode, encode and write each item (apt_core.media.MediaItem); bad files go into the report.
+    """Decode, encode and write each item (apt_core.media_scan.MediaItem); bad files go into the report.
 
     encode_frames: uint8 [F, H, W, 3] -> latent [C, F', h, w]; encode_text: caption -> [L, D].
     Returns (samples written, DecodeReport). Encoder failures are not skipped: they raise.
     """
-    from apt_core.media import DecodeReport, iter_decoded
+    from apt_core.media_scan import DecodeReport, iter_decoded
 
     report = DecodeReport(title="decode")
     cache: dict[str, torch.Tensor] = {}
@@ -137,7 +137,7 @@ class APTDatasetFromFolder:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from apt_core.media import CAPTION_POLICIES
+        from apt_core.media_scan import CAPTION_POLICIES
 
         return {"required": {
             "folder": ("STRING", {"default": "apt_media", "tooltip": "Media folder: relative to ComfyUI's input/ folder, or an absolute path."}),
@@ -162,7 +162,8 @@ class APTDatasetFromFolder:
         return folder_fingerprint(resolve(folder, input_dir(), "folder")) + folder_fingerprint(resolve(output_dir, out_root(), "output_dir"))
 
     def build(self, folder, vae, clip, output_dir, width, height, num_frames, fps, caption_policy, shard_index, num_shards, mode):
-        from apt_core.media import DecodeConfig, scan_media_folder
+        from apt_core.media import DecodeConfig
+        from apt_core.media_scan import scan_media_folder
         from apt_core.shards import ShardWriter, writer_slice
 
         from .comfy_env import input_dir, step_reporter

@@ -252,7 +252,7 @@ def _make_bad_folder(root: Path) -> None:
 
 def test_scan_reports_each_bad_file_by_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _make_bad_folder(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="apt_core.media"):
+    with caplog.at_level(logging.WARNING, logger="apt_core.media_scan"):
         items, report = scan_media_folder(tmp_path, caption_policy="error")
     assert [(i.path.relative_to(tmp_path).as_posix(), i.caption, i.kind) for i in items] == [
         ("good.mp4", "a good video", "video"), ("pic.png", "a grey picture", "image"),
@@ -344,3 +344,20 @@ def test_captions_from_jsonl_and_csv_manifests(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("name,desc\na.mp4,x\n")
     with pytest.raises(ValueError, match="bad.csv:2.*caption"):
         scan_media_folder(tmp_path, "error", manifest=tmp_path / "bad.csv")
+
+
+def test_scan_names_stay_importable_from_media() -> None:
+    """apt_core.media re-exports apt_core.media_scan's names, whichever module is imported first."""
+    import subprocess
+    import sys
+
+    import apt_core.media as media
+    import apt_core.media_scan as media_scan
+
+    for name in ("scan_media_folder", "iter_decoded", "MediaItem", "MediaReport", "ScanReport", "DecodeReport",
+                 "DecodedClip", "CAPTION_POLICIES", "MANIFEST_NAMES"):
+        assert getattr(media, name) is getattr(media_scan, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        media.no_such_name  # noqa: B018
+    code = "import apt_core.media_scan; from apt_core.media import scan_media_folder, MediaItem"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
