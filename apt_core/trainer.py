@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from apt_core import losses
-from apt_core.backbone import index_cond, repeat_cond
+from apt_core.backbone import index_cond, repeat_cond, unwrap
 from apt_core.distill import cd_grid, consistency_loss, sample_step_index
 from apt_core.flow import generate_one_step, sample_timesteps
 
@@ -174,6 +174,12 @@ class APTTrainer:
         self.opt_g, self.opt_d = opt_g, opt_d
         self.config = config or APTConfig()
         self.ema = ema
+        d_shift = getattr(unwrap(discriminator), "timestep_shift", self.config.d_timestep_shift)
+        if d_shift != self.config.d_timestep_shift:  # both name D's timestep ensemble: one must not silently win
+            raise ValueError(
+                f"APTConfig.d_timestep_shift={self.config.d_timestep_shift} differs from the discriminator's "
+                f"timestep_shift={d_shift}; build both with the same shift (1 images, 12 video)"
+            )
         self._latent_shape: tuple[int, ...] | None = None
 
     def generate(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -183,9 +189,6 @@ class APTTrainer:
     def sample_t(self, n: int, device: torch.device) -> torch.Tensor:
         """D's timestep ensemble: t ~ shift(U(0, 1), d_timestep_shift), [n]."""
         return sample_timesteps(n, "shifted", shift=self.config.d_timestep_shift, device=device)
-
-    def _d_params(self) -> list[nn.Parameter]:
-        return [p for g in self.opt_d.param_groups for p in g["params"]]
 
     def d_step(
         self,

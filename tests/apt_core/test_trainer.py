@@ -68,6 +68,18 @@ def test_config_validation_names_the_value():
         CDConfig(steps=0)
 
 
+def test_discriminator_and_config_must_agree_on_the_timestep_shift():
+    """D's timestep_shift and APTConfig.d_timestep_shift name one thing: a mismatch is an error, not a silent pick."""
+    torch.manual_seed(0)
+    gen = build_flow_model("tiny")
+    D = APTDiscriminator(gen, timestep_shift=12.0)
+    opts = make_rmsprop(gen.parameters(), 1e-4), make_rmsprop(D.trainable_parameters(), 1e-4)
+    with pytest.raises(ValueError, match=r"d_timestep_shift=1.0 differs from the discriminator's timestep_shift=12.0"):
+        APTTrainer(gen, D, *opts, APTConfig())
+    tr = APTTrainer(gen, D, *opts, APTConfig(d_timestep_shift=12.0))
+    assert float(tr.sample_t(4000, torch.device("cpu")).mean()) > 0.8  # shift 12: mass near t = 1
+
+
 def test_d_step_moves_only_d_and_g_step_moves_only_g():
     tr = _setup()
     x, c, noise = _data()
