@@ -96,17 +96,6 @@ def index_cond(cond: Any, index: torch.Tensor | slice) -> Any:
     return _map(cond, lambda t: t[index])
 
 
-def cond_to(cond: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
-    """Move every tensor of a condition to a device (and floating tensors to dtype)."""
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        if dtype is not None and t.is_floating_point():
-            return t.to(device=device, dtype=dtype)
-        return t.to(device)
-
-    return _map(cond, move)
-
-
 # ----------------------------------------------------------------------------------------------
 # Wan adapter
 # ----------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class EMA:
         d = self.decay if decay is None else float(decay)
         params = [p.detach() for p in self._params(model)]
         same = [i for i, (s, p) in enumerate(zip(self.shadow, params)) if s.dtype == p.dtype]
-        other = [i for i in range(len(params)) if i not in set(same)]
+        other = sorted(set(range(len(params))) - set(same))
         if same:  # lerp: s + (1 - d) (p - s)
             torch._foreach_lerp_([self.shadow[i] for i in same], [params[i] for i in same], 1.0 - d)
         if other:  # mixed precision (e.g. bf16 params, fp32 shadow): mul_ + add_ promote in place

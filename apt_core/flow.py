@@ -6,7 +6,6 @@ so `x0 = x_t - t v`. A velocity model is any callable `velocity(x_t, t[B], cond)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -134,8 +133,3 @@ def generate_two_step(
     t = torch.full((z.shape[0],), t_mid, device=z.device)
     x_t = add_noise(x0, noise, t)
     return x0_from_velocity(x_t, t, velocity(x_t, t, cond))
-
-
-def logit(t: float) -> float:
-    """log(t / (1 - t)), for documenting logit-normal settings."""
-    return math.log(t / (1 - t))

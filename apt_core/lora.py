@@ -10,7 +10,7 @@ and `bias` keep their names, so base keys stay the Wan checkpoint's) and freezes
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,17 +50,21 @@ class LoRALinear(nn.Linear):
         lora_dtype: torch.dtype | None = None,
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._add_adapter(rank, alpha, lora_dtype)
+
+    def _add_adapter(self, rank: int, alpha: float | None, lora_dtype: torch.dtype | None) -> None:
+        """`lora_down` [rank, in] / `lora_up` [out, rank] beside the weight (its device; `lora_dtype` or its dtype)."""
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
-        lora_dtype = lora_dtype or dtype
-        self.lora_down = nn.Linear(in_features, rank, bias=False, device=device, dtype=lora_dtype)
-        self.lora_up = nn.Linear(rank, out_features, bias=False, device=device, dtype=lora_dtype)
+        self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
+        w = self.weight
+        self.lora_down = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=lora_dtype or w.dtype)
+        self.lora_up = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=lora_dtype or w.dtype)
         self.reset_lora_parameters()
 
     @property
     def scale(self) -> float:
+        """The adapter's multiplier `alpha / rank` (ComfyUI's rule)."""
         return self.alpha / self.rank
 
     def reset_lora_parameters(self) -> None:
@@ -75,20 +79,12 @@ class LoRALinear(nn.Linear):
         cls, linear: nn.Linear, rank: int, alpha: float | None = None, lora_dtype: torch.dtype | None = None
     ) -> LoRALinear:
         """Wrap an existing Linear, reusing its weight/bias Parameters (nothing is copied)."""
-        w = linear.weight
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.register_parameter("weight", w)
+        new.register_parameter("weight", linear.weight)
         new.register_parameter("bias", linear.bias)
-        new.rank = rank
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        new.alpha = float(rank if alpha is None else alpha)
-        dt = lora_dtype or w.dtype
-        new.lora_down = nn.Linear(linear.in_features, rank, bias=False, device=w.device, dtype=dt)
-        new.lora_up = nn.Linear(rank, linear.out_features, bias=False, device=w.device, dtype=dt)
-        new.reset_lora_parameters()
+        new._add_adapter(rank, alpha, lora_dtype)
         new.train(linear.training)
         return new
 
@@ -262,8 +258,3 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for k, v in model.state_dict().items()
         if ".lora_down." not in k and ".lora_up." not in k
     }
-
-
-def trainable_parameter_names(model: nn.Module) -> Iterable[str]:
-    """Names of parameters with requires_grad (for checks and logging)."""
-    return [clean_path(n) for n, p in model.named_parameters() if p.requires_grad]
