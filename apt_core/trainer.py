@@ -356,6 +356,9 @@ class CDTrainer:
             raise ValueError(f"CDConfig.cfg_scale={cfg.cfg_scale} needs neg_cond (e.g. the empty prompt's embedding)")
         eps = torch.randn_like(x0) if eps is None else eps
         step_index = sample_step_index(b, cfg.steps, dev) if step_index is None else step_index.to(dev)
+        _check_shapes(x0, eps=eps)
+        if step_index.shape != (b,):  # checked on the whole batch, before micro-batching slices it
+            raise ValueError(f"step_index must be [B={b}] (one grid index per sample), got shape {tuple(step_index.shape)}")
         grid = self.grid.to(dev)
         self.opt.zero_grad(set_to_none=True)
         mean = _Mean(cfg.grad_accum)

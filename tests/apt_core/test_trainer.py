@@ -269,3 +269,8 @@ def test_cd_step_grad_accum_and_explicit_draws_are_reproducible():
     torch.testing.assert_close(out[0][0]["loss"], out[1][0]["loss"], rtol=1e-5, atol=1e-7)
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    tr = _cd_setup(CDConfig(steps=8, shift=3.0, grad_accum=2))
+    with pytest.raises(ValueError, match=r"step_index must be \[B=4\].*got shape \(3,\)"):
+        tr.cd_step(x0, WanCond(ctx), eps=eps, step_index=n[:3])
+    with pytest.raises(ValueError, match=r"eps must have shape \(4, 16, 1, 4, 4\)"):
+        tr.cd_step(x0, WanCond(ctx), eps=eps[:, :8], step_index=n)
