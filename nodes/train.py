@@ -83,17 +83,12 @@ def trainable_generator(model: Any, lora_rank: int, device, dtype, checkpointing
     """An independent copy of the MODEL's network: LoRA adapters (fp32) on frozen weights, or all fp32."""
     import torch
 
-    from apt_core.lora import inject_lora
-
     from .comfy_backbone import trainable_wan
+    from .train_loop import make_trainable
 
     g = trainable_wan(model, device, dtype if lora_rank else torch.float32)
     g.gradient_checkpointing = checkpointing
-    if lora_rank:
-        inject_lora(g, lora_rank, lora_dtype=torch.float32)
-    else:
-        g.requires_grad_(True)
-    return g
+    return make_trainable(g, lora_rank)
 
 
 def result_model(model: Any, kind: str, weights: dict, info: dict) -> Any:

@@ -127,6 +127,17 @@ def load_trainable(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> 
 # ----------------------------------------------------------------------------------------------
 
 
+def make_trainable(model: nn.Module, lora_rank: int) -> nn.Module:
+    """LoRA adapters of `lora_rank` (fp32) on frozen weights, or with rank 0 every weight trainable."""
+    from apt_core.lora import inject_lora
+
+    if lora_rank:
+        inject_lora(model, lora_rank, lora_dtype=torch.float32)
+    else:
+        model.requires_grad_(True)
+    return model
+
+
 def make_loader(dataset_path: str | os.PathLike, batch_size: int, seed: int):
     """Shape-bucketed, resumable loader over a shard directory (training.data)."""
     from training.data import BucketedLoader, ShardDataset

@@ -7,7 +7,7 @@ import torch
 
 from apt_core.backbone import build_flow_model
 from apt_core.discriminator import APTDiscriminator
-from apt_core.lora import inject_lora, load_lora_state_dict, lora_modules
+from apt_core.lora import load_lora_state_dict, lora_modules
 from apt_core.shards import ShardWriter
 from nodes.train_loop import (
     APTRun,
@@ -16,6 +16,7 @@ from nodes.train_loop import (
     CDSettings,
     export_weights,
     make_loader,
+    make_trainable,
     run_loop,
     to_cond,
 )
@@ -38,11 +39,7 @@ def generator(rank=4, seed=0):
     g = build_flow_model("tiny")
     with torch.no_grad():  # a "trained" head: Wan zero-initialises it, which would block all gradients
         g.head.head.weight.normal_(0, 0.05)
-    if rank:
-        inject_lora(g, rank, lora_dtype=torch.float32)
-    else:
-        g.requires_grad_(True)
-    return g
+    return make_trainable(g, rank)
 
 
 def discriminator(mode="lora", seed=1):
