@@ -125,16 +125,20 @@ class WanFlowModel(WanModel):
 
     @property
     def num_layers(self) -> int:
+        """Transformer depth (the discriminator's tap depths scale to it)."""
         return len(self.blocks)
 
     @property
     def hidden_dim(self) -> int:
+        """Width of the tapped hidden states."""
         return self.config.dim
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:  # type: ignore[override]
+        """Velocity at flow time t [B] in [0, 1]."""
         return super().forward(x_t, t * self.timestep_scale, _context(cond))
 
     def features(self, x: torch.Tensor, t: torch.Tensor, cond: Any, layers: Sequence[int]) -> list[torch.Tensor]:
+        """Hidden states [B, tokens, dim] after the 0-based blocks `layers` (runs only as deep as needed)."""
         return self.forward_features(x, t * self.timestep_scale, _context(cond), layers)
 
 

@@ -19,7 +19,7 @@ Logits are D's raw outputs [B] (one per sample). Every term returns a 0-d tensor
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -102,7 +102,7 @@ def r1_penalty(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad.float().pow(2).flatten(1).sum(1).mean()
 
 
-def math_attention(device: torch.device | None = None):
+def math_attention(device: torch.device | None = None) -> AbstractContextManager:
     """Context forcing SDPA's math kernel (the one with a double backward) on CPU and CUDA."""
     if device is not None and device.type not in ("cpu", "cuda"):
         return nullcontext()

@@ -369,7 +369,7 @@ def default_codec(path: str | os.PathLike) -> str:
     raise RuntimeError(f"{path}: no encoder among {_DEFAULT_CODECS[ext]} in this PyAV build")
 
 
-def _to_uint8_frames(frames) -> np.ndarray:
+def _to_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     x = torch.as_tensor(frames).detach().cpu()
     if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
         raise ValueError(f"write_video expects frames [F>0, H, W, 3], got shape {tuple(x.shape)}")
@@ -380,7 +380,7 @@ def _to_uint8_frames(frames) -> np.ndarray:
     return np.ascontiguousarray(x.numpy())
 
 
-def write_video(path: str | os.PathLike, frames, fps: float, codec: str | None = None, *,
+def write_video(path: str | os.PathLike, frames: np.ndarray | torch.Tensor, fps: float, codec: str | None = None, *,
                 crf: int | None = None, overwrite: bool = False) -> Path:
     """Encode uint8 (or float [0,1]) frames [F, H, W, 3] to ``path`` atomically (temp + os.replace).
 

@@ -10,8 +10,8 @@ run reproducible across world sizes; otherwise they come from the global RNG.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +109,8 @@ def _micro_batches(batch: int, accum: int) -> list[slice]:
     return [slice(i * m, (i + 1) * m) for i in range(accum)]
 
 
-def _autocast(device: torch.device, name: str | None):
+def autocast_context(device: torch.device, name: str | None) -> AbstractContextManager:
+    """torch.autocast to `name` ("bf16" | "fp16") on the device's type, or a no-op for None."""
     dtype = AMP_DTYPES[name]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
@@ -222,7 +223,7 @@ class APTTrainer:
         mean = _Mean(cfg.grad_accum)
         for sl in _micro_batches(b, cfg.grad_accum):
             real, c, t = x_real[sl], index_cond(cond, sl), t_d[sl]
-            with torch.no_grad(), _autocast(dev, cfg.autocast_dtype):
+            with torch.no_grad(), autocast_context(dev, cfg.autocast_dtype):
                 fake = self.generate(z[sl], c).to(real.dtype)
             xs = [real, fake]
             if use_r1 and cfg.r1_mode == "approx":
@@ -234,7 +235,7 @@ class APTTrainer:
                 xs[0] = real
             k = len(xs)
             exact = use_r1 and cfg.r1_mode == "exact"
-            with losses.math_attention(dev) if exact else nullcontext(), _autocast(dev, cfg.autocast_dtype):
+            with losses.math_attention(dev) if exact else nullcontext(), autocast_context(dev, cfg.autocast_dtype):
                 logits = D(torch.cat(xs), repeat_cond(c, k), t.repeat(k)).chunk(k)
             l_real, l_fake = logits[0], logits[1]
             if cfg.loss == "relativistic":
@@ -301,7 +302,7 @@ class APTTrainer:
         with frozen(D.parameters()):
             for sl in _micro_batches(b, cfg.grad_accum):
                 c, t = index_cond(cond, sl), t_d[sl]
-                with _autocast(dev, cfg.autocast_dtype):
+                with autocast_context(dev, cfg.autocast_dtype):
                     fake = self.generate(z[sl], c)
                     l_fake = D(fake, c, t)
                     if relativistic:
@@ -364,7 +365,7 @@ class CDTrainer:
         mean = _Mean(cfg.grad_accum)
         for sl in _micro_batches(b, cfg.grad_accum):
             neg = index_cond(neg_cond, sl) if neg_cond is not None else None
-            with _autocast(dev, cfg.autocast_dtype):
+            with autocast_context(dev, cfg.autocast_dtype):
                 loss = consistency_loss(
                     self.student, self.teacher, x0[sl], index_cond(cond, sl), eps[sl], step_index[sl], grid, cfg.cfg_scale, neg
                 )
@@ -377,6 +378,6 @@ class CDTrainer:
         return metrics
 
 
-def is_finite_metrics(metrics: dict[str, torch.Tensor]) -> bool:
+def is_finite_metrics(metrics: Mapping[str, torch.Tensor | float]) -> bool:
     """True if every metric is finite (host sync: call every N steps, not every step)."""
     return all(math.isfinite(float(v)) for v in metrics.values())

@@ -49,6 +49,7 @@ def compare(checks: dict[str, float], baseline: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the suite; with --check, exit 1 on a regression against the stored baseline (2 without one)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 3 minutes)")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")

@@ -134,6 +134,7 @@ def bench_dit_gpu(compile_blocks: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the inference benchmark, print its tables, write bench/results/inference.json; return the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny config only (CI-friendly)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (GPU cases)")

@@ -118,6 +118,7 @@ def _spawn(case: str, variant: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run every (case, variant) in its own process, print the table, write bench/results/r1_cost.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny case only")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

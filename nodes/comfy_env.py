@@ -6,7 +6,7 @@ ComfyUI is imported lazily inside each function, so this module imports without 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,12 +28,14 @@ def resolve_path(path: str, base: str, what: str) -> Path:
 
 
 def output_dir() -> str:
+    """ComfyUI's output folder."""
     import folder_paths
 
     return folder_paths.get_output_directory()
 
 
 def input_dir() -> str:
+    """ComfyUI's input folder."""
     import folder_paths
 
     return folder_paths.get_input_directory()
@@ -85,7 +87,7 @@ def step_reporter(total: int) -> Callable[[int, dict], None]:
 
 
 @contextmanager
-def training_mode():
+def training_mode() -> Iterator[None]:
     """Autograd on inside a ComfyUI node (ComfyUI runs nodes under torch.inference_mode)."""
     with torch.inference_mode(False), torch.enable_grad():
         yield

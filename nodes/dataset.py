@@ -13,10 +13,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .comfy_backbone import WAN_LATENT_CHANNELS, WAN_TEXT_DIM, context_problem
+
+if TYPE_CHECKING:
+    from apt_core.media import DecodeConfig
+    from apt_core.media_scan import DecodeReport, MediaItem
+    from apt_core.shards import ShardWriter
 
 CATEGORY = "APT/dataset"
 DATASET_TYPE = "APT_DATASET"
@@ -72,13 +78,13 @@ def trim_text(emb: torch.Tensor) -> torch.Tensor:
 
 
 def encode_folder(
-    items: Sequence,
-    writer,
-    decode_config,
+    items: Sequence[MediaItem],
+    writer: ShardWriter,
+    decode_config: DecodeConfig,
     encode_frames: Callable[[torch.Tensor], torch.Tensor],
     encode_text: Callable[[str], torch.Tensor],
     on_item: Callable[[int], None] | None = None,
-):
+) -> tuple[int, DecodeReport]:
     """Decode, encode and write each item (apt_core.media_scan.MediaItem); bad files go into the report.
 
     encode_frames: uint8 [F, H, W, 3] -> latent [C, F', h, w]; encode_text: caption -> [L, D].
@@ -102,7 +108,7 @@ def encode_folder(
     return written, report
 
 
-def comfy_encoders(vae, clip) -> tuple[Callable, Callable]:
+def comfy_encoders(vae: Any, clip: Any) -> tuple[Callable, Callable]:
     """(encode_frames, encode_text) over a ComfyUI VAE and CLIP."""
     import comfy.latent_formats
 
@@ -194,6 +200,7 @@ class APTDatasetFromFolder:
 
 
 def resolve(path: str, base: str, what: str) -> Path:
+    """comfy_env.resolve_path, imported lazily (a widget path under a ComfyUI folder, or absolute)."""
     from .comfy_env import resolve_path
 
     return resolve_path(path, base, what)

@@ -10,9 +10,12 @@ continues on a cluster with `python -m training --config FILE`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .comfy_backbone import apt_weights, check_model, combine_loras
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 CATEGORY = "APT/io"
 DTYPES = ("bf16", "fp16", "fp32")
@@ -33,7 +36,7 @@ def lora_for_saving(model: Any) -> dict:
     return combine_loras(w.loras)
 
 
-def target_path(kind: str, filename: str):
+def target_path(kind: str, filename: str) -> Path:
     """models/<loras|diffusion_models>/<filename>.safetensors, checked to stay inside that folder."""
     from .comfy_env import model_folder, resolve_path
 

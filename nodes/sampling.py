@@ -9,6 +9,9 @@ progress, previews and Stop behave as with any core sampler.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from .comfy_backbone import check_latent, check_model, conditioning_context
@@ -28,7 +31,14 @@ def apt_sigmas(steps: int, t_mid: float = 0.5) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_apt(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_apt(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict | None = None,
+    callback: Callable[[dict], None] | None = None,
+    disable: bool | None = None,
+) -> torch.Tensor:
     """k-diffusion sampler: x0 = model(x, sigma_i); re-noise to sigma_{i+1} with fresh noise if > 0.
 
     The re-noising noise comes from a CPU generator seeded with `extra_args["seed"] + 1` (ComfyUI
@@ -51,7 +61,7 @@ def sample_apt(model, x, sigmas, extra_args=None, callback=None, disable=None):
     return x
 
 
-def apt_sampler():
+def apt_sampler() -> Any:
     """The APT sampler as a ComfyUI SAMPLER object."""
     import comfy.samplers
 

@@ -9,10 +9,16 @@ checkpointing, bf16 autocast. Runs save their state under output/apt/runs/<run_n
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .comfy_backbone import check_model, conditioning_context, model_signature
 from .dataset import DATASET_TYPE
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+    import torch.nn as nn
 
 CATEGORY = "APT/training"
 DISC_TYPE = "APT_DISCRIMINATOR"
@@ -59,7 +65,8 @@ class DiscriminatorSpec:
             raise ValueError(f"the discriminator was built from a different model than the generator: {found}. "
                              "Build APT Discriminator from the base Wan model the generator was distilled from.")
 
-    def build(self, device, dtype, timestep_shift: float, checkpointing: bool):
+    def build(self, device: torch.device, dtype: torch.dtype, timestep_shift: float, checkpointing: bool) -> nn.Module:
+        """The APTDiscriminator over an independent copy of the MODEL's weights (heads and LoRA in fp32)."""
         import torch
 
         from apt_core.discriminator import APTDiscriminator
@@ -79,7 +86,7 @@ class DiscriminatorSpec:
         return d
 
 
-def trainable_generator(model: Any, lora_rank: int, device, dtype, checkpointing: bool):
+def trainable_generator(model: Any, lora_rank: int, device: torch.device, dtype: torch.dtype, checkpointing: bool) -> nn.Module:
     """An independent copy of the MODEL's network: LoRA adapters (fp32) on frozen weights, or all fp32."""
     import torch
 
@@ -98,7 +105,9 @@ def result_model(model: Any, kind: str, weights: dict, info: dict) -> Any:
     return with_lora(model, weights, info) if kind == "lora" else with_weights(model, weights, info)
 
 
-def validation_inputs(dataset: Any, conditioning: list | None, latent: dict | None, model: Any, device) -> tuple[Any, tuple]:
+def validation_inputs(
+    dataset: Any, conditioning: list | None, latent: dict | None, model: Any, device: torch.device
+) -> tuple[Any, tuple]:
     """(condition, latent shape [N, C, F, H, W]) of the validation samples: the given prompt(s) and size,
     else the first (up to) two dataset samples' text embeddings and the first sample's latent shape."""
     import torch
@@ -118,7 +127,8 @@ def validation_inputs(dataset: Any, conditioning: list | None, latent: dict | No
     return to_cond(ctx.float(), device), (n, *shape[1:])
 
 
-def run_dir(run_name: str):
+def run_dir(run_name: str) -> Path:
+    """output/apt/runs/<run_name>, checked to stay inside ComfyUI's output folder."""
     from .comfy_env import output_dir, resolve_path
 
     return resolve_path(f"{RUN_DIR}/{run_name}", output_dir(), "run_name")

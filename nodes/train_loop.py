@@ -98,6 +98,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a run-state safetensors file."""
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -138,7 +139,7 @@ def make_trainable(model: nn.Module, lora_rank: int) -> nn.Module:
     return model
 
 
-def make_loader(dataset_path: str | os.PathLike, batch_size: int, seed: int):
+def make_loader(dataset_path: str | os.PathLike, batch_size: int, seed: int) -> Any:
     """Shape-bucketed, resumable loader over a shard directory (training.data)."""
     from training.data import BucketedLoader, ShardDataset
 
@@ -146,7 +147,7 @@ def make_loader(dataset_path: str | os.PathLike, batch_size: int, seed: int):
     return BucketedLoader(ds, batch_size, seed=seed, drop_last=False)
 
 
-def to_cond(text_emb: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
+def to_cond(text_emb: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """A Wan condition from a batch of text embeddings [B, L, D]."""
     from apt_core.backbone import WanCond
 
@@ -166,12 +167,14 @@ class _Run:
         self.last_samples: torch.Tensor | None = None
 
     def record(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Append a step's metrics to the history (host sync: once per step, which a node can afford)."""
         out = {k: float(v) for k, v in metrics.items()}
         for k, v in out.items():
             self.history.setdefault(k, []).append((self.step_count, v))
         return out
 
-    def next_batch(self):
+    def next_batch(self) -> tuple[torch.Tensor, Any]:
+        """(latents fp32 [B, C, F, H, W], Wan condition) of the loader's next batch, on the run's device."""
         b = next(self.loader)
         return b.latent.to(self.device, torch.float32), to_cond(b.text_emb, self.device)
 
@@ -255,6 +258,7 @@ class APTRun(_Run):
         self.val_cond, self.val_shape = val_cond, val_shape
 
     def step(self) -> dict[str, float]:
+        """One D step then one G step (and the EMA update) on the next batch."""
         x, cond = self.next_batch()
         metrics = self.trainer.d_step(x, cond)
         metrics.update(self.trainer.g_step(cond, x_real=x))
@@ -265,13 +269,14 @@ class APTRun(_Run):
     def validate(self) -> torch.Tensor | None:
         """EMA generator samples from fixed seeds (model space); saved under samples/ with a state dir."""
         from apt_core.flow import generate_one_step
+        from apt_core.trainer import autocast_context
 
         if self.val_cond is None or self.val_shape is None:
             return None
         n = self.val_shape[0]
         z = torch.stack([torch.randn(self.val_shape[1:], generator=torch.Generator().manual_seed(self.settings.val_seed + i))
                          for i in range(n)]).to(self.device)
-        with self.ema.swap_into(self.generator), self.trainer_autocast():
+        with self.ema.swap_into(self.generator), autocast_context(self.device, self.settings.autocast):
             x0 = generate_one_step(self.generator, z, self.val_cond).float()
         self.last_samples = x0.cpu()
         m = {"val_std": x0.std()}
@@ -284,12 +289,6 @@ class APTRun(_Run):
                          {"seeds": json.dumps([self.settings.val_seed + i for i in range(n)]), "space": "model"})
         return self.last_samples
 
-    def trainer_autocast(self):
-        from contextlib import nullcontext
-
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.settings.autocast or "")
-        return torch.autocast(self.device.type, dtype=dt) if dt is not None else nullcontext()
-
     def _tensor_files(self):
         return {"generator": trainable_state(self.generator), "generator_ema": self.ema_state(),
                 "discriminator": trainable_state(self.discriminator)}
@@ -300,6 +299,7 @@ class APTRun(_Run):
         self.ema.load_state_dict({"decay": self.ema.decay, "num_updates": self.step_count, "shadow": files["generator_ema"]})
 
     def ema_state(self) -> dict[str, torch.Tensor]:
+        """The EMA shadow tensors by parameter name (what the node outputs)."""
         return self.ema.state_dict()["shadow"]
 
     def _optimizers(self):
@@ -330,6 +330,7 @@ class CDRun(_Run):
         self.neg_context = neg_context
 
     def step(self) -> dict[str, float]:
+        """One consistency-distillation step on the next batch."""
         x, cond = self.next_batch()
         neg = None
         if self.neg_context is not None:
@@ -374,7 +375,7 @@ def run_loop(run: _Run, steps: int, on_step: Callable[[int, dict[str, float]], N
     try:
         while run.step_count < steps:
             metrics = run.step()
-            if not is_finite_metrics({k: torch.tensor(v) for k, v in metrics.items()}):
+            if not is_finite_metrics(metrics):
                 raise FloatingPointError(f"step {run.step_count}: non-finite metrics {metrics}; lower the learning rate "
                                          "or raise r1_lambda")
             if val_every and run.step_count % val_every == 0 and hasattr(run, "validate"):

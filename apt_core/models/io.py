@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,9 @@ from safetensors.torch import save_file
 
 from apt_core.fileio import atomic_path, refuse_overwrite
 from apt_core.models.wan import WanConfig, get_config
+
+if TYPE_CHECKING:  # backbone imports this module
+    from apt_core.backbone import WanFlowModel
 
 CONFIG_METADATA_KEY = "apt.wan_config"
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -288,7 +292,7 @@ def load_wan(
     config: WanConfig | str | None = None,
     strict: bool = True,
     **infer_overrides,
-):
+) -> WanFlowModel:
     """Build a `WanFlowModel` from a safetensors file: config from `config`, the file's metadata, or the
     weights' shapes (in that order); built on the meta device, then the file's tensors are adopted
     (each moved/cast once), so a 14B model never exists twice in memory.

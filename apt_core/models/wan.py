@@ -39,15 +39,18 @@ class WanConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head."""
         return self.dim // self.num_heads
 
     def to_dict(self) -> dict:
+        """JSON-ready fields (patch_size as a list), stored in safetensors metadata."""
         d = asdict(self)
         d["patch_size"] = list(self.patch_size)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> WanConfig:
+        """The inverse of to_dict; unknown fields are an error naming them."""
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown WanConfig fields {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
@@ -102,7 +105,9 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
 
 
-def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0):
+def rope_cos_sin(
+    grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [tokens, head_dim // 2] for a (F, H, W) patch grid, in fp32 (computed in fp64)."""
     angles = []
     for size, axis_dim in zip(grid, rope_axis_dims(head_dim)):
@@ -274,7 +279,7 @@ class WanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
 
     # -- helpers ---------------------------------------------------------------------------
-    def rope(self, grid: tuple[int, int, int], device: torch.device):
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached RoPE cos/sin for a patch grid (computed once per shape and device)."""
         key = (grid, str(device))
         if key not in self._rope_cache:
@@ -304,7 +309,9 @@ class WanModel(nn.Module):
                 if not torch.isfinite(t).all():
                     raise ValueError(f"{name} contains NaN or Inf values")
 
-    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor):
+    def embed(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:
         """Patchify + time + text embeddings: tokens [B,N,dim], e [B,dim], e0 [B,6,dim], context, grid."""
         self.validate_inputs(x, timestep, context)
         cfg = self.config
@@ -322,7 +329,10 @@ class WanModel(nn.Module):
         context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
         return tokens, e, e0, context, grid
 
-    def run_block(self, i: int, x, e0, context, rope) -> torch.Tensor:
+    def run_block(
+        self, i: int, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Block i, recomputed in the backward pass when gradient_checkpointing is on (and grads are)."""
         block = self.blocks[i]
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, e0, context, rope, use_reentrant=False)
