@@ -152,9 +152,16 @@ class APTDiscriminator(nn.Module):
         self._configure_trainable(lora_rank)
 
     def reset_heads(self) -> None:
-        """(Re-)initialise the new head parameters (call after `to_empty` on a meta-built D)."""
+        """(Re-)initialise what D adds to the backbone: the heads and, in lora mode, the adapters.
+
+        Call after `to_empty` on a meta-built D (then load the backbone's base weights).
+        """
+        from apt_core.lora import lora_modules
+
         for m in (self.heads, self.norm_out, self.proj_out):
             init_heads(m)
+        for m in lora_modules(self.backbone).values():
+            m.reset_lora_parameters()
 
     # -- trainable sets -----------------------------------------------------------------------
     def _configure_trainable(self, lora_rank: int) -> None:

@@ -126,6 +126,26 @@ def test_bad_arguments_are_reported(gen):
         APTDiscriminator(gen, head_layers=[1, 1])
 
 
+def test_meta_build_in_lora_mode_resets_the_adapters_too(gen):
+    """After to_empty (uninitialised memory, here NaN) reset_heads also gives the adapters PEFT's init."""
+    D = APTDiscriminator(build_flow_model("tiny", device="meta"), mode="lora", lora_rank=2, copy_backbone=False)
+    D.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in D.parameters():
+            p.fill_(float("nan"))
+    missing, unexpected = D.backbone.load_state_dict(gen.state_dict(), strict=False)
+    assert not unexpected and missing and all(".lora_" in k for k in missing)
+    D.reset_heads()
+    ups = [p for n, p in D.named_parameters() if ".lora_up." in n]
+    assert ups and all(torch.equal(p, torch.zeros_like(p)) for p in ups)
+    assert all(torch.isfinite(p).all() for p in D.parameters())
+    x, c = _inputs(2)
+    ref = APTDiscriminator(gen, mode="frozen")  # zero adapters: the backbone computes what the base weights do
+    ref.load_state_dict({k: v for k, v in D.state_dict().items() if ".lora_" not in k})
+    t = torch.tensor([0.5, 0.5])
+    torch.testing.assert_close(D(x, c, t), ref(x, c, t))
+
+
 def test_meta_build_then_load_backbone_weights(gen):
     D = APTDiscriminator(build_flow_model("tiny", device="meta"), copy_backbone=False)
     assert all(p.is_meta for p in D.parameters())
