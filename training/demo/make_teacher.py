@@ -2,8 +2,10 @@
 
 1. writes the teacher's shards from the digits train split (images + 5-frame clips, 10 % empty
    captions) and a seeded init of the demo architecture (`pipeline.demo_wan_config`);
-2. runs the `teacher` stage through the headless trainer: `configs/demo_teacher.toml`
-   (= `python -m training --config configs/demo_teacher.toml`);
+2. runs the `teacher` stage through the headless trainer (`configs/demo_teacher.toml`, i.e.
+   `python -m training --config configs/demo_teacher.toml`) once per segment of a step-decayed
+   learning-rate schedule (the stage's lr is constant): each segment starts from the previous
+   segment's exported EMA weights with a fresh optimiser;
 3. copies the exported EMA weights to `training/demo/assets/teacher.safetensors` (with `--install`)
    and prints its validation Frechet distance at 25 steps.
 """
@@ -28,6 +30,7 @@ from training.demo.pipeline import (
 )
 
 OUT = ROOT / "outputs" / "demo" / "make_teacher"
+SCHEDULE = "4000:2e-3,2500:7e-4,1500:2e-4"
 
 
 def seeded_init(path: Path, seed: int = 0) -> Path:
@@ -41,7 +44,7 @@ def seeded_init(path: Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.demo.make_teacher", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=None, help="teacher updates (default: configs/demo_teacher.toml)")
+    ap.add_argument("--schedule", default=SCHEDULE, help="segments 'steps:lr,steps:lr,...' (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--install", action="store_true", help=f"copy the result to {TEACHER_PATH.relative_to(ROOT)}")
@@ -51,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     from training.demo.text import CaptionEmbedder
 
     data = write_datasets(args.out / "data", DataPlan(), CaptionEmbedder(), teacher=True)
-    init = seeded_init(args.out / "init.safetensors")
-    overrides = {"run.dir": str(args.out / "run"), "model.init_from": str(init), "data.path": str(data["teacher"])}
-    if args.steps is not None:
-        overrides["run.steps"] = args.steps
-    result = run_stage("demo_teacher", overrides)
-    exported = Path(result["export"]["model"])
+    exported = seeded_init(args.out / "init.safetensors")
+    for k, seg in enumerate(args.schedule.split(",")):
+        steps, lr = seg.split(":")
+        run_dir = args.out / f"run-{k}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
+        result = run_stage("demo_teacher", {"run.dir": str(run_dir), "run.seed": k, "run.steps": int(steps),
+                                            "teacher.lr": float(lr), "model.init_from": str(exported),
+                                            "data.path": str(data["teacher"])})
+        exported = Path(result["export"]["model"])
     print(f"[make_teacher] trained in {(time.perf_counter() - t0) / 60:.1f} min -> {exported}")
     if args.install:
         shutil.copyfile(exported, TEACHER_PATH)

@@ -44,7 +44,7 @@ class DataPlan:
     image_copies: int = 4
     video_copies: int = 4
     teacher_image_copies: int = 8
-    teacher_video_copies: int = 4
+    teacher_video_copies: int = 8
     null_fraction: float = 0.1  # caption dropout for the teacher (CFG's unconditional branch)
 
 

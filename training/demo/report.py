@@ -192,8 +192,20 @@ def markdown(results: dict) -> str:
         lines += [f"| {k} | {v:.3f} |" for k, v in t.get("ms_per_sample", {}).items()]
         lines += ["", f"Speed-up of APT 1 step over teacher 25 steps + CFG: **{t.get('speedup', float('nan')):.0f}x**.", ""]
     if results.get("selected"):
-        lines += ["## Checkpoints picked on the validation split (best EMA)", ""]
+        lines += ["## Checkpoints picked on the validation split (best EMA; the no-aR1 row is its last)", ""]
         lines += [f"- {k}: update {v}" for k, v in results["selected"].items()] + [""]
+    if results.get("curves"):
+        lines += ["## 1-step validation FD of the EMA generator over training (update: FD)", ""]
+        for name, pts in results["curves"].items():
+            lines.append(f"- {name}: " + ", ".join(f"{p['step']}: {p['val_fd']:.1f}" for p in pts))
+        lines += ["", "Plots: `curves_val_fd.png`, `curves_val_fd_video.png`, `curves_d_logits.png`.", ""]
+    if results.get("d_logits"):
+        lines += ["## Discriminator at the end of training (mean over the last 10 % of updates)", "",
+                  "| run | D(real) | D(fake) | D loss |", "|---|---|---|---|"]
+        for name, d in results["d_logits"].items():
+            lines.append(f"| {name} | {d.get('logits_real', float('nan')):.2f} | {d.get('logits_fake', float('nan')):.2f} | "
+                         f"{d.get('d_loss', float('nan')):.3f} |")
+        lines.append("")
     if results.get("checks"):
         lines += ["## Acceptance checks", "", "| check | row | ours | threshold | result |", "|---|---|---|---|---|"]
         for c in results["checks"]:
