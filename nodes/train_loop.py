@@ -6,9 +6,10 @@ and a state directory that a later run resumes from. `run_loop` drives either on
 and calls `on_step` after each (the node updates its ProgressBar and checks for Stop there); on any
 exception, Stop included, the state is saved first, so nothing trained is lost.
 
-State directory (written atomically, `state.json` last):
+State directory (each file written atomically, `state.json` last; each names its step, so a resume
+refuses a directory where an interrupted save replaced only some files):
     state.json                       step, settings, loader position, metrics history
-    generator.safetensors            trainable generator tensors (LoRA in ComfyUI keys, or Wan weights)
+    generator.safetensors            trainable generator tensors by parameter name (LoRA adapters, or all weights)
     generator_ema.safetensors        their EMA (what the node outputs)
     discriminator.safetensors        trainable discriminator tensors (heads + LoRA / backbone)   [APT]
     optim.pt                         optimiser states (loaded with torch.load(weights_only=True))
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 
 STATE_FILE = "state.json"
+STEP_KEY = "apt.step"  # the step a run-state file was saved at (safetensors metadata, optim.pt entry)
 log = logging.getLogger(__name__)
 
 
@@ -195,9 +197,10 @@ class _Run:
         if self.state_dir is None:
             return None
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        stamp = {STEP_KEY: str(self.step_count)}  # every file names its step: resume detects a torn save
         for name, sd in self._tensor_files().items():
-            save_tensors(self.state_dir / f"{name}.safetensors", sd)
-        optim = {k: o.state_dict() for k, o in self._optimizers().items()}
+            save_tensors(self.state_dir / f"{name}.safetensors", sd, stamp)
+        optim = {STEP_KEY: self.step_count, **{k: o.state_dict() for k, o in self._optimizers().items()}}
         with atomic_path(self.state_dir / "optim.pt") as tmp:
             torch.save(optim, tmp)
         state = {"kind": self.kind, "step": self.step_count, "settings": _settings_dict(self.settings),
@@ -207,6 +210,8 @@ class _Run:
 
     def resume(self) -> bool:
         """Load the state directory if it holds a state of this kind; False if there is none."""
+        from apt_core.models.io import read_metadata
+
         if self.state_dir is None or not (self.state_dir / STATE_FILE).is_file():
             return False
         state = json.loads((self.state_dir / STATE_FILE).read_text())
@@ -217,9 +222,16 @@ class _Run:
         if diff:
             raise ValueError(f"cannot resume {self.state_dir}: settings changed {diff} (saved, now); "
                              "restore them, or set resume=false / use another run name to start over")
-        self.step_count = int(state["step"])
-        self._load_tensor_files({n: load_tensors(self.state_dir / f"{n}.safetensors") for n in self._tensor_files()})
+        step = int(state["step"])
+        files = {n: self.state_dir / f"{n}.safetensors" for n in self._tensor_files()}
         optim = torch.load(self.state_dir / "optim.pt", map_location=self.device, weights_only=True)
+        stamps = {p.name: read_metadata(p).get(STEP_KEY) for p in files.values()} | {"optim.pt": optim.pop(STEP_KEY, None)}
+        torn = {name: s for name, s in stamps.items() if s is not None and int(s) != step}
+        if torn:  # a save was interrupted after some files were replaced: do not mix two steps
+            raise ValueError(f"cannot resume {self.state_dir}: {STATE_FILE} is from step {step} but {torn} (file: step) "
+                             "are from another step (an interrupted save); set resume=false / use another run name")
+        self.step_count = step
+        self._load_tensor_files({n: load_tensors(p) for n, p in files.items()})
         for k, o in self._optimizers().items():
             o.load_state_dict(optim[k])
         self.loader.load_state_dict(state["loader"])

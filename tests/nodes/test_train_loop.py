@@ -8,8 +8,10 @@ import torch
 from apt_core.backbone import build_flow_model
 from apt_core.discriminator import APTDiscriminator
 from apt_core.lora import load_lora_state_dict, lora_modules
+from apt_core.models.io import read_metadata
 from apt_core.shards import ShardWriter
 from nodes.train_loop import (
+    STEP_KEY,
     APTRun,
     APTSettings,
     CDRun,
@@ -18,7 +20,9 @@ from nodes.train_loop import (
     make_loader,
     make_trainable,
     run_loop,
+    save_tensors,
     to_cond,
+    trainable_state,
 )
 
 CPU = torch.device("cpu")
@@ -108,6 +112,19 @@ def test_stop_saves_state_and_resume_continues(shards, tmp_path):
     changed = apt_run(shards, tmp_path / "run", APTSettings(steps=4, lr=1e-3, batch_size=2, lora_rank=8))
     with pytest.raises(ValueError, match="lora_rank"):
         changed.resume()
+
+
+def test_resume_refuses_a_state_torn_by_an_interrupted_save(shards, tmp_path):
+    """Files of two different steps (a save killed between files) are an error naming them, not a silent mix."""
+    torch.manual_seed(0)
+    settings = APTSettings(steps=2, lr=1e-3, batch_size=2, lora_rank=4, val_every=0)
+    run = run_loop(apt_run(shards, tmp_path / "run", settings), 2)
+    assert read_metadata(tmp_path / "run" / "generator.safetensors")[STEP_KEY] == "2"
+    assert apt_run(shards, tmp_path / "run", settings).resume()
+    run.step_count = 3  # the next save got as far as the generator file only
+    save_tensors(tmp_path / "run" / "generator.safetensors", trainable_state(run.generator), {STEP_KEY: "3"})
+    with pytest.raises(ValueError, match=r"state.json is from step 2 but \{'generator.safetensors': '3'\}"):
+        apt_run(shards, tmp_path / "run", settings).resume()
 
 
 def test_full_generator_and_frozen_discriminator(shards, tmp_path):
