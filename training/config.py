@@ -383,10 +383,9 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write the resolved config as TOML (atomically), loadable by load_config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(cfg))
-    tmp.replace(path)
-    return path
+    from apt_core.fileio import atomic_write_text
+
+    return atomic_write_text(path, dumps(cfg))
 
 
 def schema_rows(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str, str]]:

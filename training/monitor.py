@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from apt_core.fileio import atomic_path
 from training.distributed import World, all_reduce_mean
 
 # ComfyUI's Wan 2.1 latent -> RGB preview projection (latent_formats.Wan21): rgb = latent^T W + b.
@@ -234,9 +235,8 @@ def save_grid(frames: list[list[np.ndarray]], path: Path) -> Path:
     for i, row in enumerate(frames):
         for j, clip in enumerate(row):
             canvas[gap + i * (h + gap) : gap + i * (h + gap) + h, gap + j * (w + gap) : gap + j * (w + gap) + w] = clip[0]
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
     return path
 
 
