@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny config only (CI-friendly)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (GPU cases)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     results: dict = {"name": "inference", "dtype_cpu": "float32"}
     rows = bench_samplers_cpu(args.quick)
     print_table(
