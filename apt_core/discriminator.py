@@ -218,4 +218,5 @@ class APTDiscriminator(nn.Module):
         feats = self.backbone.features(x, t, cond, self.head_layers)
         dtype = self.proj_out.weight.dtype
         h = torch.cat([head(f.to(dtype)) for head, f in zip(self.heads, feats)], dim=-1)
-        return self.proj_out(self.norm_out(h)).squeeze(-1).float()
+        # A fresh tensor, not a view: FSDP2 hooks the output for backward.
+        return self.proj_out(self.norm_out(h))[:, 0].float().clone()
