@@ -26,14 +26,14 @@ from training.demo.pipeline import ROOT, TEACHER_PATH
 class Settings:
     """Step counts and evaluation sizes; `quick()` is the CI variant."""
 
-    cd_steps: int = 400
+    cd_steps: int = 600
     apt_image_steps: int = 300
-    apt_video_steps: int = 150
+    apt_video_steps: int = 100
     no_r1_steps: int = 300
     every: int = 25  # EMA checkpoint / validation interval
     seeds: tuple[int, ...] = (0, 1, 2)
     n_image: int = 0  # test samples per seed (0 = the whole test split)
-    n_video: int = 0
+    n_video: int = 200
     n_val: int = 0
     cfg_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 4.0)
     teacher_steps: int = 25

@@ -48,6 +48,12 @@ class DigitSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, index: slice | torch.Tensor) -> DigitSet:
+        """The samples at `index` (a slice or an index tensor) as a new DigitSet."""
+        idx = torch.arange(len(self))[index]
+        return DigitSet(self.pixels[idx], self.labels[idx], self.directions[idx], [self.captions[i] for i in idx.tolist()],
+                        self.offsets[idx])
+
 
 def load_raw() -> tuple[np.ndarray, np.ndarray]:
     """The 1,797 digits as float32 [N, 8, 8] in [0, 16] and int64 labels [N]."""

@@ -43,6 +43,7 @@ class DataPlan:
 
     image_copies: int = 4
     video_copies: int = 4
+    cd_video_copies: int = 1  # CD's mix: 4 image copies + 1 clip copy (a fifth of the batches are clips)
     teacher_image_copies: int = 8
     teacher_video_copies: int = 8
     null_fraction: float = 0.1  # caption dropout for the teacher (CFG's unconditional branch)
@@ -56,7 +57,8 @@ def write_datasets(data_dir: Path, plan: DataPlan, embedder: CaptionEmbedder, te
     out = {
         "images": digits.write_shards(data_dir / "images", [img], embedder),
         "videos": digits.write_shards(data_dir / "videos", [vid], embedder),
-        "mixed": digits.write_shards(data_dir / "mixed", [img, vid], embedder),
+        "mixed": digits.write_shards(data_dir / "mixed", [img, vid[: plan.cd_video_copies * len(vid) // plan.video_copies]],
+                                     embedder),
     }
     if teacher:
         t_img = digits.load_split("train", frames=1, copies=plan.teacher_image_copies, seed=21)

@@ -39,9 +39,7 @@ def _subset(data: digits.DigitSet, n: int) -> digits.DigitSet:
         return data
     order = torch.argsort(data.labels * 10_000 + torch.arange(len(data)) % 10_000)
     pick = order[torch.linspace(0, len(data) - 1, n).round().long()]
-    pick = pick.sort().values
-    return digits.DigitSet(data.pixels[pick], data.labels[pick], data.directions[pick],
-                           [data.captions[i] for i in pick.tolist()], data.offsets[pick])
+    return data[pick.sort().values]
 
 
 # ------------------------------------------------------------------------------------- selection
