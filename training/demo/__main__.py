@@ -27,9 +27,9 @@ class Settings:
     """Step counts and evaluation sizes; `quick()` is the CI variant."""
 
     cd_steps: int = 600
-    apt_image_steps: int = 300
+    apt_image_steps: int = 400  # the EMA-only control runs as many updates
     apt_video_steps: int = 100
-    no_r1_steps: int = 300
+    no_r1_steps: int = 400
     every: int = 25  # EMA checkpoint / validation interval
     seeds: tuple[int, ...] = (0, 1, 2)
     n_image: int = 0  # test samples per seed (0 = the whole test split)
@@ -43,7 +43,7 @@ class Settings:
 
     @classmethod
     def quick_mode(cls) -> Settings:
-        return cls(cd_steps=40, apt_image_steps=40, apt_video_steps=10, no_r1_steps=20, every=10, seeds=(0, 1),
+        return cls(cd_steps=60, apt_image_steps=80, apt_video_steps=10, no_r1_steps=20, every=20, seeds=(0, 1),
                    n_image=120, n_video=40, n_val=120, cfg_scales=(1.0, 2.0), timing_batch=16, quick=True)
 
 

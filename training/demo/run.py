@@ -142,6 +142,7 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
 
     log("picking EMA checkpoints on the validation split")
     val_img = Evaluator(_subset(digits.load_split("val", frames=1, copies=2), s.n_val))
+    val_floor = {"images": val_img.real_floor(seed=VAL_SEED)["fd"]}
     curves, selected, picked = {}, {}, {}
     for name in image_runs:
         decay = results_runs[name]["config"].apt.ema_decay if name.startswith("apt") else results_runs[name]["config"].cd.ema_decay
@@ -163,6 +164,7 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
                                  "data.path": str(data["videos"]), "checkpoint.every": s.every})
     train_time["apt_video"] = vid["time_s"]
     val_vid = Evaluator(_subset(digits.load_split("val", frames=digits.FRAMES, copies=2), s.n_val))
+    val_floor["videos"] = val_vid.real_floor(seed=VAL_SEED)["fd"]
     snaps = checkpoint_emas(runs / "apt_video", cd_model, vid["config"].apt.ema_decay)
     curve, best_vid, step = select_best(snaps, picked["apt_image"], cd_model, sampler, val_vid)
     curves["apt_video"] = curve
@@ -204,8 +206,8 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
     # -- files, curves, report ---------------------------------------------------------------------
     files = write_samples(out, samples)
     logs = {n: _read_jsonl(runs / n / "metrics.jsonl") for n in ("cd", "apt_image", "apt_no_r1", "ema_control", "apt_video")}
-    files += write_plots(out, curves, logs, results)
-    results.update(curves=curves, selected=selected, train_time_s=train_time,
+    files += write_plots(out, curves, logs, val_floor)
+    results.update(curves=curves, selected=selected, train_time_s=train_time, val_floor_fd=val_floor,
                    comparisons=[("APT 1 step", "CD 1 step"), ("APT 1 step", "EMA-only control (CD + EMA, no D)"),
                                 ("APT 1 step", "APT without aR1 (end)"), ("APT 1 step", "APT 2 steps")],
                    d_logits=_logit_summary(logs))
@@ -256,13 +258,12 @@ def write_samples(out: Path, samples: dict[str, dict[str, torch.Tensor]]) -> lis
     return files
 
 
-def write_plots(out: Path, curves: dict, logs: dict, results: dict) -> list[str]:
-    """Validation FD over training (all runs) and D logits of APT vs APT without aR1."""
-    floor = results["images"]["floor"]["fd"]["mean"]
+def write_plots(out: Path, curves: dict, logs: dict, val_floor: dict) -> list[str]:
+    """Validation FD over training (all runs, with the validation floor) and D's logit gap with/without aR1."""
     p1 = plot_curves(out / "curves_val_fd.png", {k: v for k, v in curves.items() if k != "apt_video"},
-                     title="1-step validation FD of the EMA generator (images)", floor=floor)
+                     title="1-step validation FD of the EMA generator (images)", floor=val_floor["images"])
     p2 = plot_curves(out / "curves_val_fd_video.png", {"apt_video": curves["apt_video"]},
-                     title="1-step validation FD of the EMA generator (videos)", floor=results["videos"]["floor"]["fd"]["mean"])
+                     title="1-step validation FD of the EMA generator (videos)", floor=val_floor["videos"])
     gap = {name: [{"step": r["step"], "logit_gap": abs(r["logits_real"] - r["logits_fake"]) + 1e-3}
                   for r in logs[name] if "logits_real" in r] for name in ("apt_image", "apt_no_r1")}
     p3 = plot_curves(out / "curves_d_logits.png", gap, key="logit_gap", title="|D(real) - D(fake)| per update")
