@@ -66,7 +66,7 @@ class MetricsLogger:
             if progress:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total_steps, initial=start_step, desc="apt-train", dynamic_ncols=True)
+                self.bar = tqdm(total=total_steps, initial=start_step, desc=f"apt-train {Path(run_dir).name}", dynamic_ncols=True)
             if tensorboard:
                 self.tb = _tensorboard_writer(Path(run_dir) / "tb")
 

@@ -85,6 +85,34 @@ def run_stage(config_name: str, overrides: dict[str, Any], log: Callable[[str], 
     return result
 
 
+def _stage_worker(config_name: str, overrides: dict[str, Any], threads: int) -> dict[str, Any]:
+    import os
+
+    # the parent's 1-process group holds its MASTER_PORT: each worker makes its own on a free port
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if not torch.distributed.is_initialized():
+            os.environ.pop(var, None)
+    torch.set_num_threads(threads)
+    return run_stage(config_name, overrides)
+
+
+def run_stages_parallel(jobs: dict[str, tuple[str, dict[str, Any]]], workers: int = 2, threads: int = 1) -> dict[str, dict]:
+    """Independent `run_stage` jobs ({name: (config, overrides)}) in `workers` processes of `threads` threads.
+
+    On a small CPU the tiny demo models run fastest on one thread each, so two runs side by side on two
+    cores take about the time of one. Each job is seeded by its own config: the results do not depend
+    on which worker ran it. workers <= 1 runs them here, one after another.
+    """
+    if workers <= 1:
+        return {name: run_stage(cfg, ov) for name, (cfg, ov) in jobs.items()}
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_stage_worker, cfg, ov, threads) for name, (cfg, ov) in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
 def _toml(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -20,6 +20,7 @@ from training.demo.pipeline import (
     checkpoint_emas,
     load_flow,
     run_stage,
+    run_stages_parallel,
     with_weights,
     write_datasets,
 )
@@ -128,17 +129,19 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
         "apt_no_r1": ("demo_apt", {"apt.image.steps": s.no_r1_steps, "apt.r1_lambda": 0.0}),
         "ema_control": ("demo_ema_control", {"run.steps": s.apt_image_steps}),
     }
-    results_runs: dict[str, dict] = {}
+    jobs: dict[str, tuple[str, dict]] = {}
     for name, (config, extra) in image_runs.items():
-        log(f"stage 2 (images): {name}")
         ov = {"run.dir": str(runs / name), "model.init_from": tpath, "data.path": str(data["images"]),
               "checkpoint.every": s.every, **extra}
         if config == "demo_apt":
             ov |= {"apt.generator_init": str(cd_path), "apt.video.steps": 0, "apt.image.data": str(data["images"])}
         else:
             ov |= {"model.init_from": str(cd_path), "cd.teacher_from": tpath}
-        results_runs[name] = run_stage(config, ov)
-        train_time[name] = results_runs[name]["time_s"]
+        jobs[name] = (config, ov)
+    log(f"stage 2 (images): {', '.join(jobs)} ({s.workers} runs at a time)")
+    results_runs = run_stages_parallel(jobs, workers=s.workers, threads=max(1, torch.get_num_threads() // s.workers))
+    for name, res in results_runs.items():
+        train_time[name] = res["time_s"]
 
     log("picking EMA checkpoints on the validation split")
     val_img = Evaluator(_subset(digits.load_split("val", frames=1, copies=2), s.n_val))
@@ -215,6 +218,7 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
     results["time_s"] = time.perf_counter() - t0
     results["checks"] = check_thresholds(results, s.quick)
     results["files"] = sorted(set(files + ["report.md", "report.json"]))
+    results["recipe"] = recipe(results_runs["apt_image"]["config"], vid["config"], s)
     results["intro"] = intro(results)
     write_report(out, results)
     return results
@@ -344,6 +348,17 @@ def paper_counterparts(results: dict) -> dict:
     return out
 
 
+def recipe(image_cfg, video_cfg, s) -> dict:
+    """The APT settings the rows were trained with (from the run configs), for the report."""
+    a, im, vd = image_cfg.apt, image_cfg.apt.image, video_cfg.apt.video
+    return {"loss": a.loss, "r1_lambda": a.r1_lambda, "r2": a.loss == "relativistic", "ema_decay": a.ema_decay,
+            "head_layers": list(a.head_layers), "batch": image_cfg.data.micro_batch,
+            "image": {"steps": im.steps, "lr_g": im.lr or a.lr, "lr_d": im.lr_d or im.lr or a.lr, "r1_sigma": im.r1_sigma},
+            "video": {"steps": vd.steps, "lr_g": vd.lr or a.lr, "lr_d": vd.lr_d or vd.lr or a.lr, "r1_sigma": vd.r1_sigma,
+                      "batch": vd.micro_batch or video_cfg.data.micro_batch},
+            "no_r1_steps": s.no_r1_steps}
+
+
 def intro(results: dict) -> str:
     f = results["images"]["floor"]["fd"]
     return (
@@ -352,4 +367,23 @@ def intro(results: dict) -> str:
         "in pixel space (4x4 patches). FD = Frechet distance in the penultimate features of a digit classifier "
         f"trained on the train split (images) or of a 5-frame clip classifier (videos); real-vs-real floor {f['mean']:.1f}. "
         "Differences smaller than the seeds' spread (sum of the two std's) are called noise."
+        + _recipe_text(results.get("recipe"))
+    )
+
+
+def _recipe_text(r: dict | None) -> str:
+    if not r:
+        return ""
+    loss = ("the relativistic pairing with approximated R1 and R2 (the AAPT / SeedVR2 variant apt_core offers; "
+            "the paper's non-saturating loss is `apt.loss = \"nonsaturating\"`)" if r["loss"] == "relativistic"
+            else "the paper's non-saturating loss with approximated R1")
+    im, vd = r["image"], r["video"]
+    return (
+        f"\n\nAPT recipe here (`configs/demo_apt.toml`): {loss}, lambda {r['r1_lambda']:g}, "
+        f"D heads after blocks {[i + 1 for i in r['head_layers']]} of the teacher copy, RMSProp (Adam betas (0, 0.9)), "
+        f"EMA {r['ema_decay']:g}; images {im['steps']} updates at batch {r['batch']}, lr {im['lr_g']:g} (G) / "
+        f"{im['lr_d']:g} (D), sigma {im['r1_sigma']:g}; clips {vd['steps']} updates at batch {vd['batch']}, "
+        f"lr {vd['lr_g']:g} / {vd['lr_d']:g}, sigma {vd['r1_sigma']:g}, G from the best image EMA, D fresh from the teacher. "
+        f"The no-aR1 ablation (lambda 0: neither aR1 nor aR2) runs {r['no_r1_steps']} updates and is reported at its end; "
+        "the EMA-only control continues CD for as many updates as APT's image phase with the same EMA."
     )
