@@ -117,6 +117,11 @@ class APTPhase:
     micro_batch: int = opt(0, "samples per rank per micro step; 0 = data.micro_batch")
     grad_accum: int = opt(0, "micro batches per step; 0 = data.grad_accum")
 
+    def learning_rates(self, base_lr: float) -> tuple[float, float]:
+        """(G lr, D lr) of this phase: lr falls back to apt.lr (`base_lr`), lr_d to the phase's G lr."""
+        lr = self.lr or base_lr
+        return lr, self.lr_d or lr
+
 
 @dataclass
 class APTSection:

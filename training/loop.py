@@ -297,7 +297,7 @@ class APTStage(Stage):
     def begin_phase(self, phase: Phase, first: bool) -> None:
         super().begin_phase(phase, first)
         c, a = self.cfg, self.cfg.apt
-        lr = phase.apt.lr or a.lr
+        lr, lr_d = phase.apt.learning_rates(a.lr)
         if first:
             g_init = a.generator_init or c.model.init_from
             self.generator = build_flow(c, self.world, self.config, g_init, bool(c.model.lora_rank), True)
@@ -306,7 +306,7 @@ class APTStage(Stage):
         self.discriminator = None  # free the previous phase's D before building the fresh one
         self.discriminator = build_discriminator(c, self.world, self.config, phase)
         self.opt_g = make_rmsprop(self._trainable(self.generator), lr)
-        self.opt_d = make_rmsprop(self._trainable(self.discriminator), phase.apt.lr_d or lr)
+        self.opt_d = make_rmsprop(self._trainable(self.discriminator), lr_d)
         self.ema = EMA(self.generator, a.ema_decay)
         relativistic = a.loss == "relativistic"
         acfg = APTConfig(loss=a.loss, r1_lambda=a.r1_lambda, r1_sigma=phase.apt.r1_sigma, r2=relativistic,

@@ -8,6 +8,7 @@ Every stage runs through the headless trainer (`training.loop.train`) from a com
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,11 +87,10 @@ def run_stage(config_name: str, overrides: dict[str, Any], log: Callable[[str], 
 
 
 def _stage_worker(config_name: str, overrides: dict[str, Any], threads: int) -> dict[str, Any]:
-    import os
-
-    # the parent's 1-process group holds its MASTER_PORT: each worker makes its own on a free port
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if not torch.distributed.is_initialized():
+    """One job in a spawned worker (its first job also leaves the parent's process-group env behind)."""
+    if not torch.distributed.is_initialized():
+        # the parent's 1-process group holds its MASTER_PORT: each worker makes its own on a free port
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(var, None)
     torch.set_num_threads(threads)
     return run_stage(config_name, overrides)

@@ -349,14 +349,18 @@ def paper_counterparts(results: dict) -> dict:
 
 
 def recipe(image_cfg, video_cfg, s) -> dict:
-    """The APT settings the rows were trained with (from the run configs), for the report."""
-    a, im, vd = image_cfg.apt, image_cfg.apt.image, video_cfg.apt.video
-    return {"loss": a.loss, "r1_lambda": a.r1_lambda, "r2": a.loss == "relativistic", "ema_decay": a.ema_decay,
-            "head_layers": list(a.head_layers), "batch": image_cfg.data.micro_batch,
-            "image": {"steps": im.steps, "lr_g": im.lr or a.lr, "lr_d": im.lr_d or im.lr or a.lr, "r1_sigma": im.r1_sigma},
-            "video": {"steps": vd.steps, "lr_g": vd.lr or a.lr, "lr_d": vd.lr_d or vd.lr or a.lr, "r1_sigma": vd.r1_sigma,
-                      "batch": vd.micro_batch or video_cfg.data.micro_batch},
-            "no_r1_steps": s.no_r1_steps}
+    """The APT settings the rows were trained with (the runs' resolved phases), for the report."""
+    from training.loop import plan_phases
+
+    a = image_cfg.apt
+
+    def phase(cfg) -> dict:
+        (p,) = plan_phases(cfg)  # each demo APT run has one phase (images, or clips)
+        lr_g, lr_d = p.apt.learning_rates(cfg.apt.lr)
+        return {"steps": p.steps, "batch": p.micro_batch * p.grad_accum, "lr_g": lr_g, "lr_d": lr_d, "r1_sigma": p.apt.r1_sigma}
+
+    return {"loss": a.loss, "r1_lambda": a.r1_lambda, "ema_decay": a.ema_decay, "head_layers": list(a.head_layers),
+            "image": phase(image_cfg), "video": phase(video_cfg), "no_r1_steps": s.no_r1_steps}
 
 
 def intro(results: dict) -> str:
@@ -381,7 +385,7 @@ def _recipe_text(r: dict | None) -> str:
     return (
         f"\n\nAPT recipe here (`configs/demo_apt.toml`): {loss}, lambda {r['r1_lambda']:g}, "
         f"D heads after blocks {[i + 1 for i in r['head_layers']]} of the teacher copy, RMSProp (Adam betas (0, 0.9)), "
-        f"EMA {r['ema_decay']:g}; images {im['steps']} updates at batch {r['batch']}, lr {im['lr_g']:g} (G) / "
+        f"EMA {r['ema_decay']:g}; images {im['steps']} updates at batch {im['batch']}, lr {im['lr_g']:g} (G) / "
         f"{im['lr_d']:g} (D), sigma {im['r1_sigma']:g}; clips {vd['steps']} updates at batch {vd['batch']}, "
         f"lr {vd['lr_g']:g} / {vd['lr_d']:g}, sigma {vd['r1_sigma']:g}, G from the best image EMA, D fresh from the teacher. "
         f"The no-aR1 ablation (lambda 0: neither aR1 nor aR2) runs {r['no_r1_steps']} updates and is reported at its end; "
