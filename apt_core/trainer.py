@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from apt_core import losses
-from apt_core.backbone import index_cond, repeat_cond, unwrap
+from apt_core.backbone import cat_cond, index_cond, repeat_cond, unwrap
 from apt_core.distill import cd_grid, consistency_loss, sample_step_index
 from apt_core.flow import generate_one_step, sample_timesteps
 
@@ -48,6 +48,9 @@ class APTConfig:
     r2: bool = False  # the same approximated penalty on fakes (AAPT)
     r2_lambda: float = 100.0
     d_timestep_shift: float = 1.0  # D's timestep ensemble t ~ shift(U(0, 1), s): 1 images, 12 video
+    # Matching-aware D (GigaGAN; not in APT): real samples under another sample's caption count as
+    # fake, weighted by this; 0 = off (the paper). Teaches D to check the caption, not just realism.
+    mismatch_weight: float = 0.0
     grad_accum: int = 1
     max_grad_norm: float | None = None  # None: no clipping (paper); the norm is still reported
     autocast_dtype: str | None = None  # None | "bf16" | "fp16"
@@ -56,9 +59,10 @@ class APTConfig:
         _check_choice("loss", self.loss, ("nonsaturating", "relativistic"))
         _check_choice("r1_mode", self.r1_mode, ("approx", "exact"))
         _check_choice("autocast_dtype", self.autocast_dtype, tuple(AMP_DTYPES))
-        if self.r1_lambda < 0 or self.r2_lambda < 0 or self.r1_sigma <= 0:
+        if self.r1_lambda < 0 or self.r2_lambda < 0 or self.r1_sigma <= 0 or self.mismatch_weight < 0:
             raise ValueError(
-                f"need r1_lambda >= 0, r2_lambda >= 0, r1_sigma > 0; got {self.r1_lambda}, {self.r2_lambda}, {self.r1_sigma}"
+                "need r1_lambda >= 0, r2_lambda >= 0, r1_sigma > 0, mismatch_weight >= 0; got "
+                f"{self.r1_lambda}, {self.r2_lambda}, {self.r1_sigma}, {self.mismatch_weight}"
             )
         if self.r2 and self.r1_mode == "exact":
             raise ValueError("r2=True is implemented for r1_mode='approx' only")
@@ -203,7 +207,8 @@ class APTTrainer:
         """One D update: adversarial loss + R1 (+ R2); G runs under no_grad and is not touched.
 
         Approximated R1/R2 use ONE D forward over `cat([real, fake, real + sigma n, fake + sigma n'])`
-        with the same t and c for each pair.
+        with the same t and c for each pair; with `mismatch_weight` the same forward also scores `real`
+        under the captions rolled by one within the micro batch (a mismatched pair, counted as fake).
         """
         cfg, D = self.config, self.discriminator
         b, dev = x_real.shape[0], x_real.device
@@ -211,6 +216,7 @@ class APTTrainer:
         z = torch.randn_like(x_real) if z is None else z
         t_d = self.sample_t(b, dev) if t_d is None else t_d
         use_r1 = cfg.r1_lambda > 0
+        mismatch = cfg.mismatch_weight > 0 and b > 1  # one sample has no other caption to borrow
         if use_r1 and cfg.r1_mode == "approx" and r1_noise is None:
             r1_noise = torch.randn_like(x_real)
         if cfg.r2 and r2_noise is None:
@@ -234,15 +240,24 @@ class APTTrainer:
                 real = real.detach().requires_grad_(True)
                 xs[0] = real
             k = len(xs)
+            conds = repeat_cond(c, k)
+            if mismatch:
+                xs.append(xs[0].detach())
+                conds = cat_cond(conds, index_cond(c, torch.arange(1, real.shape[0] + 1, device=dev) % real.shape[0]))
             exact = use_r1 and cfg.r1_mode == "exact"
             with losses.math_attention(dev) if exact else nullcontext(), autocast_context(dev, cfg.autocast_dtype):
-                logits = D(torch.cat(xs), repeat_cond(c, k), t.repeat(k)).chunk(k)
+                logits = D(torch.cat(xs), conds, t.repeat(len(xs))).chunk(len(xs))
             l_real, l_fake = logits[0], logits[1]
             if cfg.loss == "relativistic":
                 adv = losses.d_loss_relativistic(l_real, l_fake)
             else:
                 adv = losses.d_loss_nonsaturating(l_real, l_fake)
             loss, extra = adv, {}
+            if mismatch:
+                l_mis = logits[k]
+                extra["d_mismatch"] = (losses.d_loss_relativistic(l_real, l_mis) if cfg.loss == "relativistic"
+                                       else losses.d_loss_fake(l_mis))
+                loss = loss + cfg.mismatch_weight * extra["d_mismatch"]
             if use_r1 and cfg.r1_mode == "approx":
                 extra["ar1"] = losses.approx_r1(l_real, logits[2])
                 loss = loss + cfg.r1_lambda * extra["ar1"]
@@ -251,7 +266,7 @@ class APTTrainer:
                     extra["r1"] = losses.r1_penalty(l_real, real)
                 loss = loss + cfg.r1_lambda * cfg.r1_sigma**2 * extra["r1"]
             if cfg.r2:
-                extra["ar2"] = losses.approx_r1(l_fake, logits[-1])
+                extra["ar2"] = losses.approx_r1(l_fake, logits[k - 1])
                 loss = loss + cfg.r2_lambda * extra["ar2"]
             (loss / cfg.grad_accum).backward()
             mean.add(

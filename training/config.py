@@ -113,6 +113,7 @@ class APTPhase:
     lr_d: float = opt(0.0, "D learning rate if different from G's; 0 = same as lr")
     r1_sigma: float = opt(0.01, "approximated-R1 perturbation std (paper: 0.01 images, 0.1 video)")
     d_timestep_shift: float = opt(1.0, "D timestep ensemble t ~ shift(U(0,1), s) (paper: 1 images, 12 video)")
+    mismatch_weight: float = opt(0.0, "matching-aware D (GigaGAN, not in APT): weight of real-with-another-caption as fake; 0 = off")
     data: str = opt("", "shard directory for this phase; '' = data.path")
     micro_batch: int = opt(0, "samples per rank per micro step; 0 = data.micro_batch")
     grad_accum: int = opt(0, "micro batches per step; 0 = data.grad_accum")

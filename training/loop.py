@@ -311,6 +311,7 @@ class APTStage(Stage):
         relativistic = a.loss == "relativistic"
         acfg = APTConfig(loss=a.loss, r1_lambda=a.r1_lambda, r1_sigma=phase.apt.r1_sigma, r2=relativistic,
                          r2_lambda=a.r1_lambda, d_timestep_shift=phase.apt.d_timestep_shift,
+                         mismatch_weight=phase.apt.mismatch_weight,
                          grad_accum=phase.grad_accum, autocast_dtype=self.amp)
         self.trainer = APTTrainer(self.generator, self.discriminator, self.opt_g, self.opt_d, acfg, ema=self.ema)
 

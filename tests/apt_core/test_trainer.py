@@ -160,6 +160,27 @@ def test_relativistic_with_r2_runs_and_pairs_logits():
     torch.testing.assert_close(m["g_loss"], expect, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["nonsaturating", "relativistic"])
+def test_mismatch_term_scores_real_samples_under_rolled_captions(loss):
+    relativistic = loss == "relativistic"
+    cfg = APTConfig(loss=loss, r2=relativistic, mismatch_weight=0.5)
+    tr = _setup(cfg)
+    x, c, noise = _data()
+    D, t = tr.discriminator, noise["t_d"]
+    with torch.no_grad():
+        l_real, l_mis = D(x, c, t), D(x, WanCond(c.context.roll(-1, 0)), t)  # sample i under caption i+1
+    expect = losses.d_loss_relativistic(l_real, l_mis) if relativistic else losses.d_loss_fake(l_mis)
+    m = tr.d_step(x, c, **noise)
+    torch.testing.assert_close(m["d_mismatch"], expect, rtol=1e-4, atol=1e-6)
+    total = m["d_adv"] + cfg.r1_lambda * m["ar1"] + (cfg.r2_lambda * m["ar2"] if relativistic else 0) + 0.5 * m["d_mismatch"]
+    torch.testing.assert_close(m["d_loss"], total, rtol=1e-4, atol=1e-6)
+    assert "d_mismatch" not in _setup(APTConfig(loss=loss, r2=relativistic)).d_step(x, c, **noise)
+    one = {k: v[:1] for k, v in noise.items()}  # a micro batch of one has no other caption: term skipped
+    assert "d_mismatch" not in _setup(cfg).d_step(x[:1], WanCond(c.context[:1]), **one)
+    with pytest.raises(ValueError, match="mismatch_weight"):
+        APTConfig(mismatch_weight=-1.0)
+
+
 def test_exact_r1_mode_matches_the_reference():
     cfg = APTConfig(r1_mode="exact")
     tr = _setup(cfg)
