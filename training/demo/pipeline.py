@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,21 +97,35 @@ def _stage_worker(config_name: str, overrides: dict[str, Any], threads: int) -> 
     return run_stage(config_name, overrides)
 
 
-def run_stages_parallel(jobs: dict[str, tuple[str, dict[str, Any]]], workers: int = 2, threads: int = 1) -> dict[str, dict]:
-    """Independent `run_stage` jobs ({name: (config, overrides)}) in `workers` processes of `threads` threads.
+class StagePool:
+    """`run_stage` jobs in `workers` spawned processes of `threads` threads each; `submit` returns a Future.
 
     On a small CPU the tiny demo models run fastest on one thread each, so two runs side by side on two
     cores take about the time of one. Each job is seeded by its own config: the results do not depend
-    on which worker ran it. workers <= 1 runs them here, one after another.
+    on which worker ran it. workers <= 1 runs each job here, at submit time, one after another.
     """
-    if workers <= 1:
-        return {name: run_stage(cfg, ov) for name, (cfg, ov) in jobs.items()}
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_stage_worker, cfg, ov, threads) for name, (cfg, ov) in jobs.items()}
-        return {name: f.result() for name, f in futures.items()}
+    def __init__(self, workers: int = 2, threads: int = 1):
+        self.workers, self.threads, self._pool = workers, threads, None
+
+    def __enter__(self) -> StagePool:
+        if self.workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+
+    def submit(self, config_name: str, overrides: dict[str, Any]) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(_stage_worker, config_name, overrides, self.threads)
+        done: Future = Future()
+        done.set_result(run_stage(config_name, overrides))
+        return done
 
 
 def _toml(v: Any) -> str:

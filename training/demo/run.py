@@ -17,10 +17,10 @@ from training.demo.pipeline import (
     DataPlan,
     Sampler,
     Snapshot,
+    StagePool,
     checkpoint_emas,
     load_flow,
     run_stage,
-    run_stages_parallel,
     with_weights,
     write_datasets,
 )
@@ -123,55 +123,56 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
     cd_path = Path(cd["export"]["model"])
     cd_model = load_flow(cd_path)
 
-    # -- stage 2a: APT on images, its no-aR1 ablation, and the EMA-only control -----------------
-    image_runs = {
-        "apt_image": ("demo_apt", {"apt.image.steps": s.apt_image_steps}),
-        "apt_no_r1": ("demo_apt", {"apt.image.steps": s.no_r1_steps, "apt.r1_lambda": 0.0}),
-        "ema_control": ("demo_ema_control", {"run.steps": s.apt_image_steps}),
-    }
-    jobs: dict[str, tuple[str, dict]] = {}
-    for name, (config, extra) in image_runs.items():
+    # -- stage 2: APT on images, its no-aR1 ablation, the EMA-only control, then APT on clips ------
+    # Side by side in worker processes: APT (images) and the ablation first; when APT's image phase
+    # ends, its best EMA is picked on validation and the clip phase starts from it while the ablation
+    # and then the control go on in the other worker.
+    def image_job(name: str) -> tuple[str, dict]:
         ov = {"run.dir": str(runs / name), "model.init_from": tpath, "data.path": str(data["images"]),
-              "checkpoint.every": s.every, **extra}
-        if config == "demo_apt":
-            ov |= {"apt.generator_init": str(cd_path), "apt.video.steps": 0, "apt.image.data": str(data["images"])}
-        else:
-            ov |= {"model.init_from": str(cd_path), "cd.teacher_from": tpath}
-        jobs[name] = (config, ov)
-    log(f"stage 2 (images): {', '.join(jobs)} ({s.workers} runs at a time)")
-    results_runs = run_stages_parallel(jobs, workers=s.workers, threads=max(1, torch.get_num_threads() // s.workers))
-    for name, res in results_runs.items():
-        train_time[name] = res["time_s"]
+              "checkpoint.every": s.every}
+        if name == "ema_control":
+            return "demo_ema_control", ov | {"model.init_from": str(cd_path), "cd.teacher_from": tpath,
+                                             "run.steps": s.apt_image_steps}
+        ov |= {"apt.generator_init": str(cd_path), "apt.video.steps": 0, "apt.image.data": str(data["images"])}
+        if name == "apt_no_r1":
+            return "demo_apt", ov | {"apt.image.steps": s.no_r1_steps, "apt.r1_lambda": 0.0}
+        return "demo_apt", ov | {"apt.image.steps": s.apt_image_steps}
+
+    val_img = Evaluator(_subset(digits.load_split("val", frames=1, copies=2), s.n_val))
+    val_vid = Evaluator(_subset(digits.load_split("val", frames=digits.FRAMES, copies=2), s.n_val))
+    val_floor = {"images": val_img.real_floor(seed=VAL_SEED)["fd"], "videos": val_vid.real_floor(seed=VAL_SEED)["fd"]}
+    curves, selected, picked = {}, {}, {}
+
+    def pick(name: str, res: dict, ev: Evaluator, start, at_end: bool = False) -> None:
+        """Best EMA snapshot of run `name` by validation FD (the ablation: its last one)."""
+        cfg = res["config"]
+        snaps = checkpoint_emas(runs / name, cd_model, cfg.cd.ema_decay if cfg.run.stage == "cd" else cfg.apt.ema_decay)
+        curves[name], picked[name], selected[name] = select_best(snaps, start, cd_model, sampler, ev)
+        if at_end:  # the ablation is reported at the END of its training
+            picked[name], selected[name] = with_weights(cd_model, snaps[-1].state), snaps[-1].step
+
+    log(f"stage 2: APT on images, the no-aR1 ablation and the EMA-only control, then APT on clips "
+        f"({s.workers} runs at a time)")
+    with StagePool(s.workers, threads=max(1, torch.get_num_threads() // s.workers)) as pool:
+        futures = {name: pool.submit(*image_job(name)) for name in ("apt_image", "apt_no_r1")}
+        runs_done = {"apt_image": futures["apt_image"].result()}
+        log("picking the best APT image EMA on the validation split")
+        pick("apt_image", runs_done["apt_image"], val_img, cd_model)
+        best_image_path = _save_model(picked["apt_image"], runs / "apt_image" / "best_ema.safetensors")
+        log(f"stage 2 (clips): APT on clips from the best image EMA (update {selected['apt_image']})")
+        futures["apt_video"] = pool.submit("demo_apt", {
+            "run.dir": str(runs / "apt_video"), "model.init_from": tpath, "apt.generator_init": str(best_image_path),
+            "apt.image.steps": 0, "apt.video.steps": s.apt_video_steps, "apt.video.data": str(data["videos"]),
+            "data.path": str(data["videos"]), "checkpoint.every": s.every})
+        futures["ema_control"] = pool.submit(*image_job("ema_control"))
+        runs_done |= {name: f.result() for name, f in futures.items()}
+    train_time |= {name: res["time_s"] for name, res in runs_done.items()}
 
     log("picking EMA checkpoints on the validation split")
-    val_img = Evaluator(_subset(digits.load_split("val", frames=1, copies=2), s.n_val))
-    val_floor = {"images": val_img.real_floor(seed=VAL_SEED)["fd"]}
-    curves, selected, picked = {}, {}, {}
-    for name in image_runs:
-        decay = results_runs[name]["config"].apt.ema_decay if name.startswith("apt") else results_runs[name]["config"].cd.ema_decay
-        snaps = checkpoint_emas(runs / name, cd_model, decay)
-        curve, best, step = select_best(snaps, cd_model, cd_model, sampler, val_img)
-        curves[name] = curve
-        selected[name] = step
-        picked[name] = best
-        if name == "apt_no_r1":  # the ablation is reported at the END of its training
-            picked[name] = with_weights(cd_model, snaps[-1].state)
-            selected[name] = snaps[-1].step
-    best_image_path = _save_model(picked["apt_image"], runs / "apt_image" / "best_ema.safetensors")
-
-    # -- stage 2b: APT on clips, G from the best image EMA, D fresh from the teacher -------------
-    log(f"stage 2 (video): APT on clips from the best image EMA (update {selected['apt_image']})")
-    vid = run_stage("demo_apt", {"run.dir": str(runs / "apt_video"), "model.init_from": tpath,
-                                 "apt.generator_init": str(best_image_path), "apt.image.steps": 0,
-                                 "apt.video.steps": s.apt_video_steps, "apt.video.data": str(data["videos"]),
-                                 "data.path": str(data["videos"]), "checkpoint.every": s.every})
-    train_time["apt_video"] = vid["time_s"]
-    val_vid = Evaluator(_subset(digits.load_split("val", frames=digits.FRAMES, copies=2), s.n_val))
-    val_floor["videos"] = val_vid.real_floor(seed=VAL_SEED)["fd"]
-    snaps = checkpoint_emas(runs / "apt_video", cd_model, vid["config"].apt.ema_decay)
-    curve, best_vid, step = select_best(snaps, picked["apt_image"], cd_model, sampler, val_vid)
-    curves["apt_video"] = curve
-    selected["apt_video"] = step
+    pick("apt_no_r1", runs_done["apt_no_r1"], val_img, cd_model, at_end=True)
+    pick("ema_control", runs_done["ema_control"], val_img, cd_model)
+    pick("apt_video", runs_done["apt_video"], val_vid, picked["apt_image"])
+    best_vid = picked["apt_video"]
     _save_model(best_vid, runs / "apt_video" / "best_ema.safetensors")
 
     # -- evaluation on the test split -------------------------------------------------------------
@@ -218,7 +219,7 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
     results["time_s"] = time.perf_counter() - t0
     results["checks"] = check_thresholds(results, s.quick)
     results["files"] = sorted(set(files + ["report.md", "report.json"]))
-    results["recipe"] = recipe(results_runs["apt_image"]["config"], vid["config"], s)
+    results["recipe"] = recipe(runs_done["apt_image"]["config"], runs_done["apt_video"]["config"], s)
     results["intro"] = intro(results)
     write_report(out, results)
     return results
@@ -357,7 +358,8 @@ def recipe(image_cfg, video_cfg, s) -> dict:
     def phase(cfg) -> dict:
         (p,) = plan_phases(cfg)  # each demo APT run has one phase (images, or clips)
         lr_g, lr_d = p.apt.learning_rates(cfg.apt.lr)
-        return {"steps": p.steps, "batch": p.micro_batch * p.grad_accum, "lr_g": lr_g, "lr_d": lr_d, "r1_sigma": p.apt.r1_sigma}
+        return {"steps": p.steps, "batch": p.micro_batch * p.grad_accum, "lr_g": lr_g, "lr_d": lr_d, "r1_sigma": p.apt.r1_sigma,
+                "mismatch_weight": p.apt.mismatch_weight}
 
     return {"loss": a.loss, "r1_lambda": a.r1_lambda, "ema_decay": a.ema_decay, "head_layers": list(a.head_layers),
             "image": phase(image_cfg), "video": phase(video_cfg), "no_r1_steps": s.no_r1_steps}
@@ -387,7 +389,17 @@ def _recipe_text(r: dict | None) -> str:
         f"D heads after blocks {[i + 1 for i in r['head_layers']]} of the teacher copy, RMSProp (Adam betas (0, 0.9)), "
         f"EMA {r['ema_decay']:g}; images {im['steps']} updates at batch {im['batch']}, lr {im['lr_g']:g} (G) / "
         f"{im['lr_d']:g} (D), sigma {im['r1_sigma']:g}; clips {vd['steps']} updates at batch {vd['batch']}, "
-        f"lr {vd['lr_g']:g} / {vd['lr_d']:g}, sigma {vd['r1_sigma']:g}, G from the best image EMA, D fresh from the teacher. "
+        f"lr {vd['lr_g']:g} / {vd['lr_d']:g}, sigma {vd['r1_sigma']:g}, G from the best image EMA, D fresh from the teacher"
+        + _mismatch_text(im, vd) + ". "
         f"The no-aR1 ablation (lambda 0: neither aR1 nor aR2) runs {r['no_r1_steps']} updates and is reported at its end; "
         "the EMA-only control continues CD for as many updates as APT's image phase with the same EMA."
     )
+
+
+def _mismatch_text(im: dict, vd: dict) -> str:
+    w = {name: p.get("mismatch_weight", 0.0) for name, p in (("images", im), ("clips", vd))}
+    on = [f"{name} (weight {v:g})" for name, v in w.items() if v > 0]
+    if not on:
+        return ""
+    return ("; a matching-aware D term (GigaGAN's; not in APT: real samples under another sample's caption count "
+            f"as fake) on {' and '.join(on)}, for text alignment")
