@@ -27,8 +27,8 @@ class Settings:
     """Step counts and evaluation sizes; `quick()` is the CI variant."""
 
     cd_steps: int = 600
-    apt_image_steps: int = 400  # the EMA-only control runs as many updates
-    apt_video_steps: int = 150
+    apt_image_steps: int = 500  # the EMA-only control runs as many updates
+    apt_video_steps: int = 250
     no_r1_steps: int = 800  # run on past APT's length: without aR1 the damage grows with updates
     every: int = 25  # EMA checkpoint / validation interval
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -39,7 +39,7 @@ class Settings:
     teacher_steps: int = 25
     two_step_t: float = 0.5
     timing_batch: int = 64
-    workers: int = 2  # the three image-stage runs (APT, no-aR1, EMA-only control) run side by side
+    workers: int = 2  # the stage-2 runs (APT images then clips; no-aR1, then EMA-only control) side by side
     quick: bool = False
 
     @classmethod
@@ -53,9 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="shortened run for CI (a few minutes); thresholds not enforced")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo", help="output folder (default outputs/demo)")
     ap.add_argument("--threads", type=int, default=2,
-                    help="torch CPU threads (default 2); the parallel image-stage workers get threads // workers each")
+                    help="torch CPU threads (default 2); the parallel stage-2 workers get threads // workers each")
     ap.add_argument("--workers", type=int, default=2,
-                    help="processes for the independent image-stage runs (default 2, one per core; 1 = one after another)")
+                    help="processes for the independent stage-2 runs (default 2, one per core; 1 = one after another)")
     ap.add_argument("--teacher", type=Path, default=TEACHER_PATH, help="teacher weights (default: the committed one)")
     return ap.parse_args(argv)
 
