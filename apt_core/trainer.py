@@ -243,7 +243,7 @@ class APTTrainer:
             conds = repeat_cond(c, k)
             if mismatch:
                 xs.append(xs[0].detach())
-                conds = cat_cond(conds, index_cond(c, torch.arange(1, real.shape[0] + 1, device=dev) % real.shape[0]))
+                conds = cat_cond(conds, index_cond(c, (torch.arange(b, device=dev) + 1) % b))  # caption i+1
             exact = use_r1 and cfg.r1_mode == "exact"
             with losses.math_attention(dev) if exact else nullcontext(), autocast_context(dev, cfg.autocast_dtype):
                 logits = D(torch.cat(xs), conds, t.repeat(len(xs))).chunk(len(xs))

@@ -397,8 +397,7 @@ def _recipe_text(r: dict | None) -> str:
 
 
 def _mismatch_text(im: dict, vd: dict) -> str:
-    w = {name: p.get("mismatch_weight", 0.0) for name, p in (("images", im), ("clips", vd))}
-    on = [f"{name} (weight {v:g})" for name, v in w.items() if v > 0]
+    on = [f"{name} (weight {p['mismatch_weight']:g})" for name, p in (("images", im), ("clips", vd)) if p["mismatch_weight"] > 0]
     if not on:
         return ""
     return ("; a matching-aware D term (GigaGAN's; not in APT: real samples under another sample's caption count "
