@@ -268,7 +268,9 @@ class APTTrainer:
             if cfg.r2:
                 extra["ar2"] = losses.approx_r1(l_fake, logits[k - 1])
                 loss = loss + cfg.r2_lambda * extra["ar2"]
-            (loss / cfg.grad_accum).backward()
+            # exact R1: backward recomputes checkpointed blocks; they must take the math kernel again
+            with losses.math_attention(dev) if exact else nullcontext():
+                (loss / cfg.grad_accum).backward()
             mean.add(
                 d_loss=loss,
                 d_adv=adv,

@@ -157,7 +157,10 @@ class WanLayerNorm(nn.LayerNorm):
         super().__init__(dim, elementwise_affine=elementwise_affine, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(_hi(x)).type_as(x)
+        # weight and bias too: a bf16 model (or FSDP's bf16 params) must not meet an fp32 input
+        weight = None if self.weight is None else _hi(self.weight)
+        bias = None if self.bias is None else _hi(self.bias)
+        return F.layer_norm(_hi(x), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ feature taps and activation checkpointing. With WAN21_REPO set to a checkout of 
 also against the public `wan/modules/model.py` itself.
 """
 
+import copy
 import importlib.util
 import math
 import os
@@ -396,6 +397,20 @@ def test_flow_adapter_maps_t_to_timestep_1000t():
         a = model.features(x, t, {"context": c}, [1])[0]
         assert torch.equal(a, model.forward_features(x, t * 1000, c, [1])[0])
     assert model.num_layers == 2 and model.hidden_dim == 64
+
+
+def test_a_bf16_model_runs_and_tracks_the_fp32_one():
+    # Pure bf16 weights (GPU inference, FSDP's bf16 params): the fp32 norms must cast their affine
+    # weights too, or layer_norm meets an fp32 input with a bf16 weight and raises.
+    model = WanModel(get_config("tiny"))
+    randomize_all(model)
+    x, t, c = _ok()
+    with torch.no_grad():
+        ref = model(x, t, c)
+        out = copy.deepcopy(model).to(torch.bfloat16)(x.bfloat16(), t, c.bfloat16())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    err = (out - ref).norm() / ref.norm()
+    assert err < 0.05, f"bf16 output strays {err:.3f} (relative) from fp32"
 
 
 def test_gradient_checkpointing_gives_identical_outputs_and_grads():
