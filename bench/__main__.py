@@ -1,10 +1,14 @@
 """The benchmark suite: `python -m bench [--quick] [--only NAME ...] [--check] [--write-baseline]`.
 
-Runs each benchmark (printing its table and writing `bench/results/<name>.json`), then collects the
-side-by-side ratios every benchmark reports under "checks". `--check` compares those ratios with the
+Runs each benchmark (printing its table and writing `bench/results/<name>.json`, or `--out DIR`),
+then collects the figures every benchmark reports under "checks". `--check` compares them with the
 stored baseline (`bench/baseline_cpu.json`, or `baseline_gpu.json` on CUDA) within its tolerance and
-exits non-zero on a regression; `--write-baseline` stores the current ratios as the new baseline.
-Ratios, not absolute times, are compared on CPU: they are what stays stable across machines.
+exits non-zero on a regression; `--write-baseline` stores the current figures as the new baseline.
+On CPU the checks are side-by-side ratios (they stay stable across machines); on CUDA, MFU.
+
+On a GPU the suite runs the real Wan shapes (inference, then the training iteration, then R1 cost).
+`--rehearse` runs those same GPU code paths on CPU at stand-in sizes, to find a crash before a
+device session is spent on it (tests/bench runs it in CI).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +24,9 @@ from pathlib import Path
 import torch
 
 from apt_core.fileio import atomic_write_text
-from bench.common import write_results
+from bench.common import RESULTS_ENV, write_results
 
-BENCHMARKS = ["inference", "r1_cost", "trainer_scaling"]
+BENCHMARKS = ["inference", "trainer_scaling", "r1_cost"]  # on a GPU: the headline figures first
 HERE = Path(__file__).resolve().parent
 
 
@@ -30,11 +35,19 @@ def baseline_path() -> Path:
     return HERE / ("baseline_gpu.json" if torch.cuda.is_available() else "baseline_cpu.json")
 
 
-def compare(checks: dict[str, float], baseline: dict) -> list[str]:
-    """Regressions: each baseline entry {value, higher_is_better, rel_tol} against the measured value."""
+def compare(checks: dict[str, float], baseline: dict, ran: list[str] | None = None) -> list[str]:
+    """Regressions: each baseline entry {value, higher_is_better, rel_tol} against the measured value.
+
+    A baseline figure of a benchmark that ran (`ran`; default all) but is missing now, because
+    that case failed or ran out of memory, counts as a regression too.
+    """
     failures = []
     for name, ref in baseline.get("checks", {}).items():
+        if ran is not None and name.split(".", 1)[0] not in ran:
+            continue
         if name not in checks:
+            print(f"  {'MISSING':10s} {name}: not measured in this run (baseline {ref['value']:.4g})")
+            failures.append(name)
             continue
         value, tol = checks[name], ref.get("rel_tol", 0.5)
         if ref.get("higher_is_better", True):
@@ -54,34 +67,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 3 minutes)")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
     parser.add_argument("--check", action="store_true", help="compare ratios with the stored baseline")
-    parser.add_argument("--write-baseline", action="store_true", help="store the measured ratios as baseline")
+    parser.add_argument("--write-baseline", nargs="?", const="", metavar="PATH",
+                        help="store the measured figures as the baseline (default path: the device's bench/baseline_*.json)")
+    parser.add_argument("--rehearse", action="store_true", help="the GPU code paths on CPU at stand-in sizes")
+    parser.add_argument("--compile", action="store_true", help="inference: also time torch.compile'd blocks")
+    parser.add_argument("--out", type=Path, help="write the results JSON here instead of bench/results/")
     args = parser.parse_args(argv)
+    if args.rehearse and (args.check or args.write_baseline is not None):
+        parser.error("--rehearse checks that the GPU code paths run; it has no baseline (drop --check/--write-baseline)")
+    if args.out:
+        os.environ[RESULTS_ENV] = str(args.out.resolve())  # the benchmarks' subprocesses inherit it
 
     start = time.perf_counter()
     checks: dict[str, float] = {}
-    directions: dict[str, bool] = {}
+    specs: dict[str, dict] = {}
+    cuda = torch.cuda.is_available()
     for name in args.only or BENCHMARKS:
         module = importlib.import_module(f"bench.{name}")
-        print(f"\n=== bench.{name} ===")
-        result = module.main(["--quick"] if args.quick else [])
+        print(f"\n=== bench.{name} ===", flush=True)
+        module_argv = ["--quick"] * args.quick + ["--rehearse"] * args.rehearse
+        if name == "inference":
+            module_argv += ["--compile"] * args.compile + ["--no-cpu"] * (cuda or args.rehearse)
+        result = module.main(module_argv)
         for key, spec in (result or {}).get("checks", {}).items():
             checks[f"{name}.{key}"] = float(spec["value"])
-            directions[f"{name}.{key}"] = bool(spec.get("higher_is_better", True))
+            specs[f"{name}.{key}"] = spec
     elapsed = time.perf_counter() - start
-    summary = {"name": "suite", "quick": args.quick, "seconds": elapsed, "checks": checks}
+    summary = {"name": "suite", "quick": args.quick, "rehearsal": args.rehearse, "seconds": elapsed, "checks": checks}
     print(f"\nsuite finished in {elapsed:.1f} s; results in {write_results('suite', summary).parent}")
 
-    if args.write_baseline:
-        base = {"checks": {k: {"value": v, "higher_is_better": directions[k], "rel_tol": 0.5} for k, v in checks.items()}}
-        atomic_write_text(baseline_path(), json.dumps(base, indent=2) + "\n")
-        print(f"wrote baseline {baseline_path()}")
+    if args.write_baseline is not None:
+        base = {"checks": {k: {"value": v, "higher_is_better": bool(specs[k].get("higher_is_better", True)),
+                               "rel_tol": float(specs[k].get("rel_tol", 0.5))} for k, v in checks.items()}}
+        target = Path(args.write_baseline) if args.write_baseline else baseline_path()
+        atomic_write_text(target, json.dumps(base, indent=2) + "\n")
+        print(f"wrote baseline {target}")
     if args.check:
         path = baseline_path()
         if not path.exists():
             print(f"no baseline at {path}; run with --write-baseline first", file=sys.stderr)
             return 2
         print(f"\nchecking against {path}")
-        failures = compare(checks, json.loads(path.read_text()))
+        failures = compare(checks, json.loads(path.read_text()), ran=args.only or BENCHMARKS)
         if failures:
             print(f"{len(failures)} regression(s): {', '.join(failures)}", file=sys.stderr)
             return 1

@@ -16,6 +16,7 @@ from apt_core.fileio import atomic_write_text
 from apt_core.models.wan import WanConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "APT_BENCH_RESULTS"  # a folder to write results to instead (`python -m bench --out DIR`)
 
 # bf16 dense peak used for MFU (H100 SXM, as in docs/wan21_reference.md).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -56,6 +57,21 @@ def peak_tflops() -> float | None:
         if key in name:
             return value
     return None
+
+
+def default_device() -> str:
+    """Where the GPU figures run: "cuda" when one is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def measured_matmul_tflops(device: torch.device | str, size: int = 8192, repeat: int = 10) -> float | None:
+    """bf16 TFLOP/s of a size^3 matrix product on random data: the ceiling this GPU reaches in practice."""
+    if torch.device(device).type != "cuda":
+        return None
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    seconds = time_fn(lambda: a @ b, device, warmup=3, repeat=repeat)
+    return 2 * size**3 / seconds / 1e12
 
 
 def sync(device: torch.device | str) -> None:
@@ -121,7 +137,7 @@ def _fmt(v) -> str:
 
 def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     """Write results JSON (with machine info and command line) atomically; return the path."""
-    out_dir = out_dir or RESULTS_DIR
+    out_dir = Path(out_dir or os.environ.get(RESULTS_ENV) or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_info(), "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
     return atomic_write_text(out_dir / f"{name}.json", json.dumps(payload, indent=2))

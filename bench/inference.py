@@ -5,12 +5,13 @@ GPU: Wan 1.3B at 832x480x81 and 1280x720x81 (and 14B at 720p if it fits), bf16, 
 the real shapes: latency, MFU against the dense bf16 peak, tokens/s, peak memory, and which SDPA
 backends (flash / cuDNN / efficient / math) run.
 
-    python -m bench.inference [--quick] [--compile]
+    python -m bench.inference [--quick] [--compile] [--cases wan1.3b-480p-81f,...] [--rehearse]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from functools import partial
 
 import torch
@@ -18,7 +19,9 @@ import torch
 from apt_core.backbone import WanCond, build_flow_model
 from apt_core.flow import euler_sample, generate_one_step
 from bench.common import (
+    default_device,
     machine_info,
+    measured_matmul_tflops,
     peak_tflops,
     print_table,
     sync,
@@ -73,93 +76,188 @@ def bench_samplers_cpu(quick: bool) -> list[dict]:
     return rows
 
 
-def _sdpa_backends_check(device: torch.device) -> dict:
-    """Which SDPA backends accept a bf16 [1, 12, 4096, 128] attention on this device, and their time."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+# The GPU code path at stand-in sizes: `--rehearse` runs it on CPU (and tests/bench does), so a
+# device session is not spent finding a crash.
+REHEARSAL_CASES = {"tiny-comfy-rehearsal": ("tiny-comfy", (16, 3, 8, 8))}
 
-    q = torch.randn(1, 12, 4096, 128, device=device, dtype=torch.bfloat16)
-    out = {}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+
+def _backends():
+    from torch.nn.attention import SDPBackend
+
+    return (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def sdpa_backends_check(device: torch.device, shape: tuple[int, int, int, int], dtype: torch.dtype) -> dict:
+    """Which SDPA backends run a [B, heads, tokens, head_dim] self-attention here, and how fast.
+
+    `default` is the dispatcher's own choice (what the model uses): the check is that it is as fast
+    as the fastest forced backend.
+    """
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.randn(*shape, device=device, dtype=dtype)
+    attend = partial(torch.nn.functional.scaled_dot_product_attention, q, q, q)
+    out = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
+    for backend in _backends():
         try:
             with sdpa_kernel([backend]):
-                t = time_fn(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), device, repeat=5)
-            out[backend.name] = {"ok": True, "ms": 1e3 * t}
+                out[backend.name] = {"ok": True, "ms": 1e3 * time_fn(attend, device, repeat=5)}
         except RuntimeError as err:
             out[backend.name] = {"ok": False, "error": str(err).splitlines()[0][:200]}
+    out["default"] = {"ok": True, "ms": 1e3 * time_fn(attend, device, repeat=5)}
     return out
 
 
-def bench_dit_gpu(compile_blocks: bool) -> list[dict]:
-    """One-step DiT forward latency and MFU for the real Wan shapes (bf16, random weights)."""
-    device = torch.device("cuda")
+def forward_by_backend(model: torch.nn.Module, z: torch.Tensor, cond: WanCond, device: torch.device) -> dict:
+    """Seconds of the whole one-step forward with each fused SDPA backend forced, and with none forced."""
+    from torch.nn.attention import sdpa_kernel
+
+    step = partial(generate_one_step, model, z, cond)
+    out = {}
+    with torch.no_grad():
+        for backend in _backends()[:3]:
+            try:
+                with sdpa_kernel([backend]):
+                    out[backend.name] = time_fn(step, device, warmup=1, repeat=2)
+            except RuntimeError as err:
+                out[backend.name] = str(err).splitlines()[0][:200]
+        out["default"] = time_fn(step, device, warmup=0, repeat=2)
+    return out
+
+
+def build_random(preset: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights in a preset's real shapes, allocated once in `dtype` on `device` (meta first)."""
+    model = build_flow_model(preset, device="meta").to(dtype)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.eval()
+
+
+def bench_dit(
+    device: torch.device,
+    cases: dict[str, tuple[str, tuple[int, ...]]],
+    dtype: torch.dtype = torch.bfloat16,
+    compile_blocks: bool = False,
+    backends_on_first: bool = True,
+) -> list[dict]:
+    """One-step DiT forward latency, MFU, tokens/s and peak memory per case (random weights, batch 1).
+
+    With `compile_blocks`, `compile_s` is the first call's time above a steady call: the compile cost.
+    The first case also times the whole forward under each SDPA backend (`forward_by_backend`).
+    """
     rows = []
-    peak = peak_tflops()
-    for name, (preset, shape) in GPU_CASES.items():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    peak = peak_tflops() if device.type == "cuda" else None
+    for i, (name, (preset, shape)) in enumerate(cases.items()):
         model = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
-            model = build_flow_model(preset, device="meta")
-            model.to_empty(device=device)
-            model.init_weights()
-            model = model.to(torch.bfloat16).eval()
+            model = build_random(preset, device, dtype)
             if compile_blocks:
                 for block in model.blocks:
                     block.compile()
             cfg = model.config
-            z = torch.randn(1, *shape, device=device, dtype=torch.bfloat16)
-            cond = WanCond(torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=torch.bfloat16))
+            z = torch.randn(1, *shape, device=device, dtype=dtype)
+            cond = WanCond(torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype))
+            step = partial(generate_one_step, model, z, cond)
             with torch.no_grad():
-                seconds = time_fn(partial(generate_one_step, model, z, cond), device, warmup=2, repeat=5)
+                first = time_fn(step, device, warmup=0, repeat=1)
+                seconds = time_fn(step, device, warmup=1, repeat=3 if cfg.dim > 4000 else 5)
             tokens = tokens_of(cfg, shape)
             flops = wan_forward_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, tokens, cfg.text_len, cfg.text_dim)
-            rows.append(
-                {
-                    "case": name,
-                    "tokens": tokens,
-                    "tflop_per_forward": flops / 1e12,
-                    "seconds": seconds,
-                    "ideal_seconds": flops / 1e12 / peak if peak else None,
-                    "mfu": flops / seconds / 1e12 / peak if peak else None,
-                    "tokens_per_s": tokens / seconds,
-                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                }
-            )
+            row = {
+                "case": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                "compiled": compile_blocks,
+                "tokens": tokens,
+                "tflop_per_forward": flops / 1e12,
+                "seconds": seconds,
+                "first_call_s": first,
+                "compile_s": first - seconds if compile_blocks else None,
+                "compiled_graphs": _compiled_graphs() if compile_blocks else None,
+                "ideal_seconds": flops / 1e12 / peak if peak else None,
+                "mfu": flops / seconds / 1e12 / peak if peak else None,
+                "tokens_per_s": tokens / seconds,
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            }
+            if i == 0 and backends_on_first and not compile_blocks:
+                row["forward_s_by_sdpa_backend"] = forward_by_backend(model, z, cond, device)
+            rows.append(row)
         except torch.OutOfMemoryError:
             rows.append({"case": name, "error": "out of memory"})
         finally:
             del model
             sync(device)
+        print(f"{name}: {rows[-1].get('seconds', rows[-1].get('error'))}", flush=True)
     return rows
 
 
+def _compiled_graphs() -> int | None:
+    """How many graphs dynamo captured so far (1: every block shares one compiled graph)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return int(counters["stats"]["unique_graphs"])
+
+
+def gpu_checks(rows: list[dict]) -> dict:
+    """Regression checks for the GPU baseline: MFU per case (higher is better)."""
+    return {f"{r['case']}{'.compiled' if r.get('compiled') else ''}.mfu": {"value": r["mfu"], "higher_is_better": True,
+            "rel_tol": 0.15} for r in rows if r.get("mfu")}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the inference benchmark, print its tables, write bench/results/inference.json; return the results."""
+    """Run the inference benchmark, print its tables, write results/inference.json; return the results."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny config only (CI-friendly)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block (GPU cases)")
+    parser.add_argument("--device", default=default_device(), help="where the DiT figures run (default: cuda if visible)")
+    parser.add_argument("--rehearse", action="store_true", help="the GPU code path at stand-in sizes (CPU check)")
+    parser.add_argument("--cases", help=f"comma-separated DiT cases (default: all of {', '.join(GPU_CASES)})")
+    parser.add_argument("--compile", action="store_true", help="also time the DiT with torch.compile on each block")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU sampler comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: dict = {"name": "inference", "dtype_cpu": "float32"}
-    rows = bench_samplers_cpu(args.quick)
-    print_table(
-        "APT 1 step vs teacher 25 steps + CFG (CPU, fp32, same model)",
-        rows,
-        ["case", "tokens", "batch", "apt_1step_ms_per_sample", "teacher_25step_cfg_ms_per_sample", "speedup"],
-    )
-    results["samplers_cpu"] = rows
-    results["checks"] = {f"{r['case']}.speedup_1step_vs_25step_cfg": {"value": r["speedup"]} for r in rows}
-    if torch.cuda.is_available():
-        results["sdpa_backends"] = _sdpa_backends_check(torch.device("cuda"))
-        print("\nSDPA backends:", results["sdpa_backends"])
-        gpu_rows = bench_dit_gpu(args.compile)
+    device = torch.device(args.device)
+    results: dict = {"name": "inference", "dtype_cpu": "float32", "checks": {}}
+    if not args.no_cpu:
+        rows = bench_samplers_cpu(args.quick)
         print_table(
-            f"One-step Wan DiT forward, bf16 ({machine_info().get('gpu')})",
-            gpu_rows,
-            ["case", "tokens", "tflop_per_forward", "seconds", "ideal_seconds", "mfu", "tokens_per_s", "peak_mem_gib"],
+            "APT 1 step vs teacher 25 steps + CFG (CPU, fp32, same model)",
+            rows,
+            ["case", "tokens", "batch", "apt_1step_ms_per_sample", "teacher_25step_cfg_ms_per_sample", "speedup"],
         )
-        results["dit_gpu"] = gpu_rows
+        results["samplers_cpu"] = rows
+        results["checks"] |= {f"{r['case']}.speedup_1step_vs_25step_cfg": {"value": r["speedup"]} for r in rows}
+    if device.type == "cuda" or args.rehearse:
+        cases = REHEARSAL_CASES if args.rehearse else GPU_CASES
+        if args.cases:
+            unknown = set(args.cases.split(",")) - set(cases)
+            if unknown:
+                parser.error(f"unknown --cases {sorted(unknown)}; choose from {sorted(cases)}")
+            cases = {k: v for k, v in cases.items() if k in args.cases.split(",")}
+        first_preset, first_shape = next(iter(cases.values()))
+        cfg = build_flow_model(first_preset, device="meta").config
+        attn_shape = (1, cfg.num_heads, tokens_of(cfg, first_shape), cfg.head_dim)
+        results["matmul_tflops_measured"] = measured_matmul_tflops(device)
+        results["sdpa_backends"] = sdpa_backends_check(device, attn_shape, torch.bfloat16)
+        print(f"\nmeasured bf16 matmul: {results['matmul_tflops_measured']} TFLOP/s")
+        print("SDPA backends:", json.dumps(results["sdpa_backends"]))
+        gpu_rows = bench_dit(device, cases)
+        if args.compile:
+            gpu_rows += bench_dit(device, dict(list(cases.items())[:1]), compile_blocks=True)
+        print_table(
+            f"One-step Wan DiT forward, bf16, batch 1 ({machine_info().get('gpu', device.type)})",
+            gpu_rows,
+            ["case", "compiled", "tokens", "tflop_per_forward", "seconds", "ideal_seconds", "mfu", "tokens_per_s",
+             "peak_mem_gib", "compile_s", "compiled_graphs", "error"],
+        )
+        results["dit"] = gpu_rows
+        results["dit_device"] = str(device)
+        results["rehearsal"] = args.rehearse
+        results["checks"] |= gpu_checks(gpu_rows)
     path = write_results("inference", results)
     print(f"\nwrote {path}")
     return results

@@ -18,7 +18,7 @@ memory freed back to glibc before the baseline can hide a little of the rise). O
 `torch.cuda.max_memory_allocated()` above `memory_allocated()` at the same point.
 The ratio exact / approx is computed from one run of this script.
 
-    python -m bench.r1_cost [--quick] [--device cuda] [--steps N]
+    python -m bench.r1_cost [--quick] [--device cuda] [--cases A,B] [--steps N] [--rehearse]
 """
 
 from __future__ import annotations
@@ -38,7 +38,40 @@ CASES = {
     "tiny": ("tiny", (16, 3, 16, 16), 4),
     "small": ("small", (16, 2, 16, 16), 2),
 }
+# CUDA: Wan 2.1 1.3B at 480p, bf16 autocast, per-block activation checkpointing: 9 frames (latent
+# F=3, 4,680 tokens), where exact R1's math attention may still fit, and the real 81 (32,760 tokens).
+GPU_CASES = {
+    "wan1.3b-480p-9f": ("wan2.1-t2v-1.3b", (16, 3, 60, 104), 1),
+    "wan1.3b-480p-81f": ("wan2.1-t2v-1.3b", (16, 21, 60, 104), 1),
+}
+# The CUDA code path (bf16 autocast + checkpointing) at a stand-in size, for `--rehearse` on CPU.
+REHEARSAL_CASES = {"tiny-comfy-rehearsal": ("tiny-comfy", (16, 3, 8, 8), 2)}
+ALL_CASES = {**CASES, **GPU_CASES, **REHEARSAL_CASES}
 VARIANTS = ("none", "approx", "exact")
+WORKER_TIMEOUT_S = 240  # a GPU variant that runs longer is recorded as stopped, not waited for
+
+
+def double_backward_support(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
+    """Which SDPA backends give a double backward (what exact R1 needs), on a small attention.
+
+    For each backend forced alone: forward, `autograd.grad(create_graph=True)` to q, then a backward
+    of the gradient's norm. Records "ok" or the first line of the error.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        q, k, v = (torch.randn(1, 2, 64, 64, generator=g).to(device, dtype).requires_grad_(True) for _ in range(3))
+        try:
+            with sdpa_kernel([backend]):
+                y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                (grad_q,) = torch.autograd.grad(y.float().square().sum(), q, create_graph=True)
+                grad_q.float().square().sum().backward()
+            out[backend.name] = "ok" if k.grad is not None else "no second-order gradient reached k"
+        except RuntimeError as err:
+            out[backend.name] = str(err).splitlines()[0][:200]
+    return out
 
 
 def _rss_bytes() -> int:
@@ -59,10 +92,13 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
-    preset, shape, batch = CASES[case]
+    preset, shape, batch = ALL_CASES[case]
+    gpu_path = case not in CASES  # bf16 autocast + activation checkpointing, as training runs on CUDA
     gen = build_flow_model(preset, device=dev)
+    gen.gradient_checkpointing = gpu_path
     D = APTDiscriminator(gen)
-    cfg = APTConfig(r1_lambda=0.0 if variant == "none" else 100.0, r1_sigma=0.01, r1_mode="exact" if variant == "exact" else "approx")
+    cfg = APTConfig(r1_lambda=0.0 if variant == "none" else 100.0, r1_sigma=0.01, r1_mode="exact" if variant == "exact" else "approx",
+                    autocast_dtype="bf16" if gpu_path else None)
     opt_d = make_rmsprop(D.trainable_parameters(), 1e-5)
     trainer = APTTrainer(gen, D, make_rmsprop(gen.parameters(), 1e-5), opt_d, cfg)
     x = torch.randn(batch, *shape, device=dev)
@@ -79,90 +115,127 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
+    row = {"case": case, "variant": variant, "preset": preset, "shape": [batch, *shape],
+           "tokens": tokens_of(gen.config, shape), "dtype": "bf16 autocast" if gpu_path else "float32",
+           "activation_checkpointing": gpu_path, "d_forward_batch": batch * (3 if variant == "approx" else 2),
+           "d_params_trainable": sum(p.numel() for p in D.trainable_parameters())}
     times, cpu_times = [], []
-    for i in range(steps + 1):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        m = trainer.d_step(x, c)
-        float(m["d_loss"])  # sync
-        if i > 0:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+    try:
+        for i in range(steps + 1):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            m = trainer.d_step(x, c)
+            float(m["d_loss"])  # sync
+            if i > 0:
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+    except (torch.OutOfMemoryError, RuntimeError) as err:  # exact R1 at the real shape: record what happens
+        peak = torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else None
+        kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) else "error"
+        return row | {"error": f"{kind}: {str(err).splitlines()[0][:300]}", "peak_mib": peak and peak / 2**20}
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     times.sort()
     cpu_times.sort()
-    return {
-        "case": case,
-        "variant": variant,
-        "preset": preset,
-        "shape": [batch, *shape],
-        "tokens": tokens_of(gen.config, shape),
-        "d_params_trainable": sum(p.numel() for p in D.trainable_parameters()),
+    return row | {
         "step_ms": 1e3 * times[len(times) // 2],
         "step_cpu_ms": 1e3 * cpu_times[len(cpu_times) // 2],
         "peak_mib": peak / 2**20,
-        "d_forward_batch": batch * (3 if variant == "approx" else 2),
     }
 
 
 def _spawn(case: str, variant: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "bench.r1_cost", "--worker", case, variant,
            "--device", args.device, "--steps", str(args.steps), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    timeout = None if case in CASES else WORKER_TIMEOUT_S
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "variant": variant, "error": f"did not finish within {timeout} s (stopped)"}
     if out.returncode != 0:
-        raise RuntimeError(f"worker {case}/{variant} failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+        message = f"worker {case}/{variant} failed (exit {out.returncode}):\n{out.stderr[-2000:]}"
+        if case in CASES:  # the CPU cases must run: a failure there is a bug
+            raise RuntimeError(message)
+        return {"case": case, "variant": variant, "error": message.splitlines()[-1][:300]}
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
+def _add_ratios(rows: list[dict]) -> None:
+    """time / CPU time / peak memory of each variant over approximated R1's, where both ran."""
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by = {r["variant"]: r for r in rows if r["case"] == case}
+        ref = by.get("approx", {})
+        for r in by.values():
+            for key, field in (("time", "step_ms"), ("cpu", "step_cpu_ms"), ("mem", "peak_mib")):
+                if r.get(field) is not None and ref.get(field):
+                    r[f"{key}_vs_approx"] = r[field] / max(ref[field], 1e-9)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run every (case, variant) in its own process, print the table, write bench/results/r1_cost.json."""
+    """Run every (case, variant) in its own process, print the table, write results/r1_cost.json."""
+    from bench.common import default_device, print_table, write_results
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny case only")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--steps", type=int, default=3, help="timed D steps per variant (after 1 warm-up)")
+    parser.add_argument("--quick", action="store_true", help="one case only (tiny on CPU, 9 frames on CUDA)")
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if visible)")
+    parser.add_argument("--rehearse", action="store_true", help="the CUDA code path at a stand-in size (CPU check)")
+    parser.add_argument("--cases", help="comma-separated cases (default: the device's set)")
+    parser.add_argument("--steps", type=int, default=None, help="timed D steps per variant after 1 warm-up (3 CPU, 2 CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.steps = args.steps or (2 if cuda else 3)
     if args.worker:
         print("RESULT " + json.dumps(run_worker(*args.worker, args.device, args.steps, args.threads)))
         return {}
 
-    from bench.common import print_table, write_results
-
-    cases = ["tiny"] if args.quick else list(CASES)
-    rows = [_spawn(case, variant, args) for case in cases for variant in VARIANTS]
+    cases = list(REHEARSAL_CASES if args.rehearse else GPU_CASES if cuda else CASES)
+    if args.cases:
+        unknown = set(args.cases.split(",")) - set(ALL_CASES)
+        if unknown:
+            parser.error(f"unknown --cases {sorted(unknown)}; choose from {sorted(ALL_CASES)}")
+        cases = args.cases.split(",")
+    elif args.quick:
+        cases = cases[:1]
+    probe_dtype = torch.bfloat16 if cuda else torch.float32
+    double_backward = double_backward_support(args.device, probe_dtype)
+    print(f"SDPA double backward ({args.device}, {probe_dtype}): {json.dumps(double_backward)}")
+    rows = []
     for case in cases:
-        by = {r["variant"]: r for r in rows if r["case"] == case}
-        for r in by.values():
-            r["time_vs_approx"] = r["step_ms"] / by["approx"]["step_ms"]
-            r["cpu_vs_approx"] = r["step_cpu_ms"] / by["approx"]["step_cpu_ms"]
-            r["mem_vs_approx"] = r["peak_mib"] / max(by["approx"]["peak_mib"], 1e-9)
+        for variant in VARIANTS:
+            rows.append(_spawn(case, variant, args))
+            print(f"{case}/{variant}: {rows[-1].get('step_ms', rows[-1].get('error'))}", flush=True)
+    _add_ratios(rows)
     print_table(
-        f"APT D step: approximated vs exact R1 ({args.device}, float32, 1 process per variant)",
+        f"APT D step: approximated vs exact R1 ({args.device}, 1 process per variant)",
         rows,
-        ["case", "variant", "shape", "tokens", "d_forward_batch", "step_ms", "step_cpu_ms", "peak_mib",
-         "time_vs_approx", "cpu_vs_approx", "mem_vs_approx"],
+        ["case", "variant", "dtype", "shape", "tokens", "d_forward_batch", "step_ms", "step_cpu_ms", "peak_mib",
+         "time_vs_approx", "cpu_vs_approx", "mem_vs_approx", "error"],
     )
+    # Machine-stable ratios for the suite's regression check: what exact R1 costs over aR1
+    # (process CPU time on CPU, where it is the compute; wall time on CUDA).
+    kinds = ("time", "mem") if cuda else ("cpu", "mem")
     results = {
         "name": "r1_cost",
         "command": " ".join(["python -m bench.r1_cost", *(sys.argv[1:] if argv is None else argv)]),
         "device": args.device,
-        "dtype": "float32",
+        "rehearsal": args.rehearse,
         "steps": args.steps,
         "threads": args.threads,
         "method": "fresh subprocess per variant; median step time after 1 warm-up; peak = "
-        + ("cuda max_memory_allocated - memory_allocated before the first step" if args.device == "cuda"
+        + ("cuda max_memory_allocated - memory_allocated before the first step" if cuda
            else "ru_maxrss - VmRSS before the first step (models and Adam state already allocated)"),
+        "sdpa_double_backward": {"dtype": str(probe_dtype).removeprefix("torch."), **double_backward},
         "rows": rows,
-        # Machine-stable ratios for the suite's regression check: what exact R1 costs over aR1.
         "checks": {
             f"{r['case']}.exact_r1_{kind}_vs_approx": {"value": r[f"{kind}_vs_approx"], "higher_is_better": True}
             for r in rows
             if r["variant"] == "exact"
-            for kind in ("cpu", "mem")
+            for kind in kinds
+            if f"{kind}_vs_approx" in r
         },
     }
     path = write_results("r1_cost", results)

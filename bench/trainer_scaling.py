@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import peak_tflops, print_table, wan_forward_flops, write_results
+from bench.common import default_device, peak_tflops, print_table, wan_forward_flops, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_JOB_TIMEOUT_S = 300
 
 # name: (preset, latent [C, F, H, W], text length, per-rank micro batch)
 CASES = {
@@ -38,6 +39,8 @@ CASES = {
     "small": ("small", (16, 2, 8, 8), 16, 2),
     # Wan 2.1 1.3B at 480p: 81 frames of 480 x 832 -> latent [16, 21, 60, 104] (CUDA only)
     "wan1.3b-480p": ("wan2.1-t2v-1.3b", (16, 21, 60, 104), 512, 1),
+    # The CUDA settings (bf16 FSDP params + activation checkpointing) at a stand-in size: `--rehearse`
+    "tiny-comfy-rehearsal": ("tiny-comfy", (16, 3, 8, 8), 16, 2),
 }
 
 
@@ -88,20 +91,23 @@ def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, h
     return fwd_g + 3 * 3 * fwd_d + 3 * fwd_g + 3 * fwd_d
 
 
-def run_worker(case: str, steps: int, out_dir: Path) -> None:
-    """Build the APT stage for `case` (FSDP2; bf16 + activation checkpointing on CUDA), time `steps`
-    iterations after one warm-up, write this rank's numbers to out_dir/rank<r>.json."""
+def run_worker(case: str, steps: int, out_dir: Path, device: str = "cpu", compile_blocks: bool = False) -> None:
+    """Build the APT stage for `case` (FSDP2; bf16 + activation checkpointing on CUDA and in the
+    rehearsal case), time `steps` iterations after one warm-up, write this rank's numbers to
+    out_dir/rank<r>.json."""
     from training.config import load_config
     from training.data import Batch
     from training.distributed import barrier, destroy, init_distributed
     from training.loop import APTStage, plan_phases, resolve_wan_config
 
     preset, latent, text_len, micro = CASES[case]
-    cuda = torch.cuda.is_available()
+    cuda = device == "cuda"
+    gpu_settings = cuda or case.endswith("-rehearsal")
     overrides = [
-        "--run.stage=apt", f"--run.device={'cuda' if cuda else 'cpu'}", f"--model.preset={preset}", "--data.path=unused",
-        f"--data.micro_batch={micro}", f"--parallel.mixed_precision={'bf16' if cuda else 'fp32'}",
-        f"--parallel.activation_checkpointing={'true' if cuda else 'false'}", "--apt.image.steps=1000000",
+        "--run.stage=apt", f"--run.device={device}", f"--model.preset={preset}", "--data.path=unused",
+        f"--data.micro_batch={micro}", f"--parallel.mixed_precision={'bf16' if gpu_settings else 'fp32'}",
+        f"--parallel.activation_checkpointing={'true' if gpu_settings else 'false'}", "--apt.image.steps=1000000",
+        f"--parallel.compile={'true' if compile_blocks else 'false'}",
     ]
     cfg = load_config(ROOT / "configs/tiny_cpu.toml", overrides)
     world = init_distributed(cfg.run.device, cfg.parallel.backend)
@@ -136,9 +142,11 @@ def run_worker(case: str, steps: int, out_dir: Path) -> None:
         "rss_before_steps_bytes": rss_before,
         "params_g": sum(p.numel() for p in stage.generator.parameters()),
     }
+    out["head_layers"] = list(stage.discriminator.head_layers)
+    out["mixed_precision"] = cfg.parallel.mixed_precision
+    out["activation_checkpointing"] = cfg.parallel.activation_checkpointing
     if cuda:
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-        out["head_layers"] = list(stage.discriminator.head_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{world.rank}.json").write_text(json.dumps(out))
     destroy()
@@ -156,41 +164,52 @@ def _rss_bytes() -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def measure(case: str, nproc: int, steps: int, threads: int) -> dict:
+def measure(case: str, nproc: int, steps: int, threads: int, device: str = "cpu", compile_blocks: bool = False) -> dict:
     """One torchrun job of `nproc` workers for `case`; returns the aggregated row."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "bench.trainer_scaling", "--worker", case, "--steps", str(steps), "--out", tmp]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+               "-m", "bench.trainer_scaling", "--worker", case, "--steps", str(steps), "--out", tmp, "--device", device]
+        cmd += ["--compile"] if compile_blocks else []
+        # a GPU job that hangs (e.g. a collective) must not use up a device session: stop it
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=GPU_JOB_TIMEOUT_S if device == "cuda" else None)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
     preset, latent, _, micro = CASES[case]
     step_s = ranks[0]["step_s"]
     row = {
-        "case": case, "processes": nproc, "threads_per_process": threads, "micro_batch_per_rank": micro,
+        "case": case, "device": device, "compiled": compile_blocks, "mixed_precision": ranks[0]["mixed_precision"],
+        "activation_checkpointing": ranks[0]["activation_checkpointing"],
+        "processes": nproc, "threads_per_process": threads, "micro_batch_per_rank": micro,
         "global_batch": micro * nproc, "step_s": step_s, "samples_per_s": micro * nproc / step_s,
         "s_per_sample": step_s / (micro * nproc),
         "peak_rss_mib_max_rank": max(r["peak_rss_bytes"] for r in ranks) / 2**20,
         "params_g": ranks[0]["params_g"],
     }
+    flops = _apt_flops_per_sample(preset, latent, CASES[case][2], ranks[0]["head_layers"])
+    row["tflop_per_sample"] = flops / 1e12
+    row["tflops_per_device"] = flops * micro / step_s / 1e12
     if "peak_cuda_bytes" in ranks[0]:
-        flops = _apt_flops_per_sample(preset, latent, CASES[case][2], ranks[0]["head_layers"])
         peak = peak_tflops()
         row["peak_cuda_gib"] = max(r["peak_cuda_bytes"] for r in ranks) / 2**30
-        row["tflops_per_gpu"] = flops * micro / step_s / 1e12
-        row["mfu"] = row["tflops_per_gpu"] / peak if peak else None
+        row["mfu"] = row["tflops_per_device"] / peak if peak else None
+        row["ideal_s_per_sample"] = flops / 1e12 / peak if peak else None
     return row
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run each (case, world size) as its own torchrun job; print the table, write results/trainer_scaling.json."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=None, help="comma-separated cases (default: tiny,small on CPU; wan1.3b-480p on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed iterations after one warm-up")
-    p.add_argument("--quick", action="store_true", help="tiny only, 2 timed steps")
+    p.add_argument("--quick", action="store_true", help="tiny only, 2 timed steps (CPU)")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if visible)")
+    p.add_argument("--rehearse", action="store_true", help="the CUDA settings at a stand-in size, 1 process (CPU check)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (parallel.compile)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     p.add_argument("--make-data", metavar="DIR", help="write synthetic shards for configs/tiny_cpu.toml and exit")
     p.add_argument("--num", type=int, default=16, help="samples for --make-data")
@@ -201,28 +220,47 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {args.num} samples to {write_synthetic_shards(args.make_data, num=args.num)}")
         return {}
     if args.worker:
-        run_worker(args.worker, args.steps or 3, Path(args.out))
+        run_worker(args.worker, args.steps or 3, Path(args.out), args.device, args.compile)
         return {}
-    cuda = torch.cuda.is_available()
-    cases = args.cases.split(",") if args.cases else (["wan1.3b-480p"] if cuda else ["tiny", "small"])
-    if args.quick:
-        cases, args.steps = ["tiny"], 2
+    cuda = args.device == "cuda"
+    cases = ["wan1.3b-480p"] if cuda else ["tiny", "small"]
     worlds = [torch.cuda.device_count()] if cuda else [1, 2]
+    if args.rehearse:
+        cases, worlds = ["tiny-comfy-rehearsal"], [1]
+    elif args.quick and not cuda:
+        cases, args.steps = ["tiny"], 2
+    if args.cases:
+        unknown = set(args.cases.split(",")) - set(CASES)
+        if unknown:
+            p.error(f"unknown --cases {sorted(unknown)}; choose from {sorted(CASES)}")
+        cases = args.cases.split(",")
     rows = []
     for case in cases:
         steps = args.steps or (3 if case == "small" or cuda else 5)
         for n in worlds:
             t0 = time.perf_counter()
-            rows.append(measure(case, n, steps, args.threads))
-            print(f"{case} x{n}: {rows[-1]['step_s']:.3f} s/iteration ({time.perf_counter() - t0:.0f} s incl. start-up)")
-    columns = ["case", "processes", "global_batch", "step_s", "samples_per_s", "s_per_sample", "peak_rss_mib_max_rank"]
+            try:
+                rows.append(measure(case, n, steps, args.threads, args.device, args.compile))
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                if not cuda:  # the CPU cases must run: a failure there is a bug
+                    raise
+                rows.append({"case": case, "processes": n, "error": str(err).strip().splitlines()[-1][:300]})
+            took = f"{time.perf_counter() - t0:.0f} s incl. start-up"
+            print(f"{case} x{n}: {rows[-1].get('step_s', rows[-1].get('error'))} s/iteration ({took})", flush=True)
+    columns = ["case", "processes", "global_batch", "step_s", "samples_per_s", "s_per_sample", "peak_rss_mib_max_rank",
+               "tflops_per_device"]
     if cuda:
-        columns += ["peak_cuda_gib", "tflops_per_gpu", "mfu"]
-    print_table("APT iteration (D step + G step), FSDP2" + (" + bf16 + AC" if cuda else ", fp32, gloo"), rows, columns)
+        columns += ["peak_cuda_gib", "mfu", "ideal_s_per_sample", "error"]
+    settings = "bf16 + AC" if cuda or args.rehearse else "fp32, gloo"
+    print_table(f"APT iteration (D step + G step), FSDP2, {settings} ({args.device})", rows, columns)
     results = {
         "name": "trainer_scaling",
         "what": "one APT iteration (D step + G step) through training.loop.APTStage; median after 1 warm-up",
         "memory": "peak RSS per process (ru_maxrss), max over ranks; CUDA: torch.cuda.max_memory_allocated",
+        "flops": "model FLOPs per sample: G fwd (no grad) + 3 x D fwd/bwd on [real, fake, real + sigma n] + "
+                 "G fwd/bwd + D fwd/bwd on the fakes, fwd/bwd = 3 x fwd, recompute not counted",
+        "device": args.device,
+        "rehearsal": args.rehearse,
         "rows": rows,
         "checks": _checks(rows),
     }
@@ -232,13 +270,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _checks(rows: list[dict]) -> dict:
-    """Machine-stable ratios for the suite's regression check: 2- vs 1-process throughput per case."""
+    """Regression checks: 2- vs 1-process throughput per case (CPU); MFU per case (CUDA)."""
     out = {}
-    for case in {r["case"] for r in rows}:
-        by = {r["processes"]: r for r in rows if r["case"] == case}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by = {r["processes"]: r for r in rows if r["case"] == case and "error" not in r}
         if 1 in by and 2 in by:
             out[f"{case}.throughput_2proc_vs_1proc"] = {
                 "value": by[2]["samples_per_s"] / by[1]["samples_per_s"], "higher_is_better": True}
+        for n, r in by.items():
+            if r.get("mfu"):
+                out[f"{case}.x{n}{'.compiled' if r['compiled'] else ''}.mfu"] = {
+                    "value": r["mfu"], "higher_is_better": True, "rel_tol": 0.15}
     return out
 
 
