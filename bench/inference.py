@@ -109,19 +109,21 @@ def sdpa_backends_check(device: torch.device, shape: tuple[int, int, int, int], 
 
 
 def forward_by_backend(model: torch.nn.Module, z: torch.Tensor, cond: WanCond, device: torch.device) -> dict:
-    """Seconds of the whole one-step forward with each fused SDPA backend forced, and with none forced."""
-    from torch.nn.attention import sdpa_kernel
+    """Seconds of the whole one-step forward under each attention choice of the model
+    (`set_attention_backend`: default dispatcher, auto, and each backend tried first)."""
+    from apt_core.models import attention as attn
 
     step = partial(generate_one_step, model, z, cond)
     out = {}
     with torch.no_grad():
-        for backend in _backends()[:3]:
+        for name in attn.CHOICES:
+            model.set_attention_backend(name)
             try:
-                with sdpa_kernel([backend]):
-                    out[backend.name] = time_fn(step, device, warmup=1, repeat=2)
+                out[name] = time_fn(step, device, warmup=1, repeat=2)
             except RuntimeError as err:
-                out[backend.name] = str(err).splitlines()[0][:200]
-        out["default"] = time_fn(step, device, warmup=0, repeat=2)
+                out[name] = str(err).splitlines()[0][:200]
+        model.set_attention_backend("default")
+    out["auto_picked"] = attn.auto_choices()
     return out
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from apt_core.models.attention import CHOICES as ATTENTION_CHOICES
 from bench.common import default_device, peak_tflops, print_table, wan_forward_flops, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,9 @@ def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, h
     return fwd_g + 3 * 3 * fwd_d + 3 * fwd_g + 3 * fwd_d
 
 
-def run_worker(case: str, steps: int, out_dir: Path, device: str = "cpu", compile_blocks: bool = False) -> None:
+def run_worker(
+    case: str, steps: int, out_dir: Path, device: str = "cpu", compile_blocks: bool = False, attention: str = "default"
+) -> None:
     """Build the APT stage for `case` (FSDP2; bf16 + activation checkpointing on CUDA and in the
     rehearsal case), time `steps` iterations after one warm-up, write this rank's numbers to
     out_dir/rank<r>.json."""
@@ -107,7 +110,7 @@ def run_worker(case: str, steps: int, out_dir: Path, device: str = "cpu", compil
         "--run.stage=apt", f"--run.device={device}", f"--model.preset={preset}", "--data.path=unused",
         f"--data.micro_batch={micro}", f"--parallel.mixed_precision={'bf16' if gpu_settings else 'fp32'}",
         f"--parallel.activation_checkpointing={'true' if gpu_settings else 'false'}", "--apt.image.steps=1000000",
-        f"--parallel.compile={'true' if compile_blocks else 'false'}",
+        f"--parallel.compile={'true' if compile_blocks else 'false'}", f"--parallel.attention={attention}",
     ]
     cfg = load_config(ROOT / "configs/tiny_cpu.toml", overrides)
     world = init_distributed(cfg.run.device, cfg.parallel.backend)
@@ -144,6 +147,7 @@ def run_worker(case: str, steps: int, out_dir: Path, device: str = "cpu", compil
     }
     out["head_layers"] = list(stage.discriminator.head_layers)
     out["mixed_precision"] = cfg.parallel.mixed_precision
+    out["attention"] = cfg.parallel.attention
     out["activation_checkpointing"] = cfg.parallel.activation_checkpointing
     if cuda:
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
@@ -164,7 +168,10 @@ def _rss_bytes() -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def measure(case: str, nproc: int, steps: int, threads: int, device: str = "cpu", compile_blocks: bool = False) -> dict:
+def measure(
+    case: str, nproc: int, steps: int, threads: int, device: str = "cpu", compile_blocks: bool = False,
+    attention: str = "default",
+) -> dict:
     """One torchrun job of `nproc` workers for `case`; returns the aggregated row."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
@@ -172,7 +179,7 @@ def measure(case: str, nproc: int, steps: int, threads: int, device: str = "cpu"
             env.pop(k, None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "bench.trainer_scaling", "--worker", case, "--steps", str(steps), "--out", tmp, "--device", device]
-        cmd += ["--compile"] if compile_blocks else []
+        cmd += ["--compile"] * compile_blocks + ["--attention", attention]
         # a GPU job that hangs (e.g. a collective) must not use up a device session: stop it
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=GPU_JOB_TIMEOUT_S if device == "cuda" else None)
@@ -182,7 +189,8 @@ def measure(case: str, nproc: int, steps: int, threads: int, device: str = "cpu"
     preset, latent, _, micro = CASES[case]
     step_s = ranks[0]["step_s"]
     row = {
-        "case": case, "device": device, "compiled": compile_blocks, "mixed_precision": ranks[0]["mixed_precision"],
+        "case": case, "device": device, "compiled": compile_blocks, "attention": ranks[0]["attention"],
+        "mixed_precision": ranks[0]["mixed_precision"],
         "activation_checkpointing": ranks[0]["activation_checkpointing"],
         "processes": nproc, "threads_per_process": threads, "micro_batch_per_rank": micro,
         "global_batch": micro * nproc, "step_s": step_s, "samples_per_s": micro * nproc / step_s,
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if visible)")
     p.add_argument("--rehearse", action="store_true", help="the CUDA settings at a stand-in size, 1 process (CPU check)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (parallel.compile)")
+    p.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
+                   help="parallel.attention: SDPA kernel choice (default: default; auto in --rehearse)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     p.add_argument("--make-data", metavar="DIR", help="write synthetic shards for configs/tiny_cpu.toml and exit")
     p.add_argument("--num", type=int, default=16, help="samples for --make-data")
@@ -220,11 +230,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {args.num} samples to {write_synthetic_shards(args.make_data, num=args.num)}")
         return {}
     if args.worker:
-        run_worker(args.worker, args.steps or 3, Path(args.out), args.device, args.compile)
+        run_worker(args.worker, args.steps or 3, Path(args.out), args.device, args.compile, args.attention or "default")
         return {}
     cuda = args.device == "cuda"
     cases = ["wan1.3b-480p"] if cuda else ["tiny", "small"]
     worlds = [torch.cuda.device_count()] if cuda else [1, 2]
+    attention = args.attention or ("auto" if args.rehearse else "default")
     if args.rehearse:
         cases, worlds = ["tiny-comfy-rehearsal"], [1]
     elif args.quick and not cuda:
@@ -240,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         for n in worlds:
             t0 = time.perf_counter()
             try:
-                rows.append(measure(case, n, steps, args.threads, args.device, args.compile))
+                rows.append(measure(case, n, steps, args.threads, args.device, args.compile, attention))
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 if not cuda:  # the CPU cases must run: a failure there is a bug
                     raise

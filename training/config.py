@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apt_core.models.attention import CHOICES as ATTENTION_CHOICES
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -72,6 +74,8 @@ class ParallelSection:
     mixed_precision: str = opt("auto", "auto = bf16 params + fp32 reduce on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
     activation_checkpointing: bool = opt(False, "recompute each transformer block in backward (saves activation memory)")
     compile: bool = opt(False, "torch.compile each transformer block")
+    attention: str = opt("default", "SDPA kernel: default = PyTorch's dispatcher; auto = the fastest, timed once per shape; "
+                         "or flash / cudnn / efficient / math tried first", ATTENTION_CHOICES)
     backend: str = opt("auto", "process-group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
 
 

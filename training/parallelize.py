@@ -125,13 +125,16 @@ def parallelize(
     world: World,
     wrap_ddp: bool = True,
 ) -> nn.Module:
-    """AC -> compile -> FSDP (sharded while on meta) -> materialise; or materialise -> AC -> compile -> DDP.
+    """Attention backend, AC -> compile -> FSDP (sharded while on meta) -> materialise; or the same with
+    materialise first and DDP last.
 
     `model` is built on the meta device; returns the module to train (a DDP wrapper for `ddp`, unless
     `wrap_ddp=False`: frozen models such as the CD teacher are then simply replicated).
     """
     if cfg.strategy == "none" and world.world_size > 1:
         raise ValueError(f"parallel.strategy='none' runs on 1 process only, got world size {world.world_size}; use fsdp or ddp")
+    for wan in (m for m in model.modules() if isinstance(m, WanModel)):
+        wan.set_attention_backend(cfg.attention)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

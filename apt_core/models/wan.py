@@ -3,7 +3,7 @@
 Same module tree, parameter names, shapes and math as Wan-Video/Wan2.1 `wan/modules/model.py`
 (T2V), so the original `.safetensors` files load untouched. Differences are only in plumbing:
 batched tensors instead of lists, attention through `F.scaled_dot_product_attention` in the input
-dtype, RoPE tables cached per grid shape, optional per-block activation checkpointing, and a
+dtype (backend choice: `set_attention_backend`), RoPE tables cached per grid shape, optional per-block activation checkpointing, and a
 feature tap (`forward_features`) for the APT discriminator.
 """
 
@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from apt_core.models.attention import attention, check_choice
 
 
 @dataclass(frozen=True)
@@ -163,12 +165,6 @@ class WanLayerNorm(nn.LayerNorm):
         return F.layer_norm(_hi(x), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, Nq, H, D], k/v [B, Nk, H, D] -> [B, Nq, H*D] through SDPA (flash/cuDNN/efficient/math)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
-
-
 class WanSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -180,6 +176,7 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.attention_backend = "default"  # SDPA kernel choice: WanModel.set_attention_backend
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, n = x.shape[:2]
@@ -187,7 +184,7 @@ class WanSelfAttention(nn.Module):
         k = self.norm_k(self.k(x)).view(b, n, self.num_heads, self.head_dim)
         v = self.v(x).view(b, n, self.num_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o(attention(q, k, v))
+        return self.o(attention(q, k, v, self.attention_backend))
 
 
 class WanT2VCrossAttention(WanSelfAttention):
@@ -196,7 +193,7 @@ class WanT2VCrossAttention(WanSelfAttention):
         q = self.norm_q(self.q(x)).view(b, -1, self.num_heads, self.head_dim)
         k = self.norm_k(self.k(context)).view(b, -1, self.num_heads, self.head_dim)
         v = self.v(context).view(b, -1, self.num_heads, self.head_dim)
-        return self.o(attention(q, k, v))
+        return self.o(attention(q, k, v, self.attention_backend))
 
 
 class WanAttentionBlock(nn.Module):
@@ -282,6 +279,14 @@ class WanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
 
     # -- helpers ---------------------------------------------------------------------------
+    def set_attention_backend(self, name: str) -> None:
+        """SDPA kernel for every attention layer: "default" (PyTorch's dispatcher), "auto" (fastest,
+        timed once per shape), or "flash" / "cudnn" / "efficient" / "math" first (apt_core.models.attention)."""
+        check_choice(name)
+        for m in self.modules():
+            if isinstance(m, WanSelfAttention):
+                m.attention_backend = name
+
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached RoPE cos/sin for a patch grid (computed once per shape and device)."""
         key = (grid, str(device))
