@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from apt_core.fileio import atomic_write_text
-from bench.common import RESULTS_ENV, write_results
+from bench.common import RESULTS_ENV, machine_info, write_results
 
 BENCHMARKS = ["inference", "trainer_scaling", "r1_cost"]  # on a GPU: the headline figures first
 HERE = Path(__file__).resolve().parent
@@ -61,54 +61,88 @@ def compare(checks: dict[str, float], baseline: dict, ran: list[str] | None = No
     return failures
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the suite; with --check, exit 1 on a regression against the stored baseline (2 without one)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 3 minutes)")
-    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
-    parser.add_argument("--check", action="store_true", help="compare ratios with the stored baseline")
-    parser.add_argument("--write-baseline", nargs="?", const="", metavar="PATH",
-                        help="store the measured figures as the baseline (default path: the device's bench/baseline_*.json)")
-    parser.add_argument("--rehearse", action="store_true", help="the GPU code paths on CPU at stand-in sizes")
-    parser.add_argument("--compile", action="store_true", help="inference: also time torch.compile'd blocks")
-    parser.add_argument("--out", type=Path, help="write the results JSON here instead of bench/results/")
-    args = parser.parse_args(argv)
-    if args.rehearse and (args.check or args.write_baseline is not None):
-        parser.error("--rehearse checks that the GPU code paths run; it has no baseline (drop --check/--write-baseline)")
-    if args.out:
-        os.environ[RESULTS_ENV] = str(args.out.resolve())  # the benchmarks' subprocesses inherit it
-
-    start = time.perf_counter()
-    checks: dict[str, float] = {}
-    specs: dict[str, dict] = {}
+def run_suite(args: argparse.Namespace) -> tuple[dict[str, dict], list[str]]:
+    """Run the chosen benchmarks in order; return their checks ("<benchmark>.<key>" -> spec) and names."""
+    checks: dict[str, dict] = {}
     cuda = torch.cuda.is_available()
-    for name in args.only or BENCHMARKS:
+    ran = args.only or BENCHMARKS
+    for name in ran:
         module = importlib.import_module(f"bench.{name}")
         print(f"\n=== bench.{name} ===", flush=True)
         module_argv = ["--quick"] * args.quick + ["--rehearse"] * args.rehearse
         if name == "inference":
             module_argv += ["--compile"] * args.compile + ["--no-cpu"] * (cuda or args.rehearse)
         result = module.main(module_argv)
-        for key, spec in (result or {}).get("checks", {}).items():
-            checks[f"{name}.{key}"] = float(spec["value"])
-            specs[f"{name}.{key}"] = spec
-    elapsed = time.perf_counter() - start
-    summary = {"name": "suite", "quick": args.quick, "rehearsal": args.rehearse, "seconds": elapsed, "checks": checks}
-    print(f"\nsuite finished in {elapsed:.1f} s; results in {write_results('suite', summary).parent}")
+        checks |= {f"{name}.{key}": spec for key, spec in (result or {}).get("checks", {}).items()}
+    return checks, ran
+
+
+def collect(folder: Path) -> tuple[dict[str, dict], list[str], dict]:
+    """Checks of the results JSON already in `folder` (e.g. what bench/device_run.sh brought back),
+    keyed as a suite run keys them; also the benchmarks found and the machine they ran on."""
+    checks: dict[str, dict] = {}
+    ran: list[str] = []
+    machine: dict = {}
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        name = data.get("name") if isinstance(data, dict) else None
+        if name not in BENCHMARKS:
+            continue
+        ran.append(name)
+        machine = machine or data.get("machine", {})
+        checks |= {f"{name}.{key}": spec for key, spec in data.get("checks", {}).items()}
+    if not ran:
+        raise SystemExit(f"--collect {folder}: no benchmark results (*.json named {BENCHMARKS}) there")
+    return checks, sorted(set(ran)), machine
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite; with --check, exit 1 on a regression against the stored baseline (2 without one)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU-friendly sizes (well under 3 minutes)")
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
+    parser.add_argument("--check", action="store_true", help="compare the figures with the stored baseline")
+    parser.add_argument("--write-baseline", nargs="?", const="", metavar="PATH",
+                        help="store the measured figures as the baseline (default path: the device's bench/baseline_*.json)")
+    parser.add_argument("--rehearse", action="store_true", help="the GPU code paths on CPU at stand-in sizes")
+    parser.add_argument("--compile", action="store_true", help="inference: also time torch.compile'd blocks")
+    parser.add_argument("--out", type=Path, help="write the results JSON here instead of bench/results/")
+    parser.add_argument("--collect", type=Path, metavar="DIR",
+                        help="run nothing: take the figures from results JSON already in DIR (then --check / --write-baseline)")
+    parser.add_argument("--baseline", type=Path, help="the baseline for --check (default: the device's bench/baseline_*.json)")
+    args = parser.parse_args(argv)
+    if args.rehearse and (args.check or args.write_baseline is not None):
+        parser.error("--rehearse checks that the GPU code paths run; it has no baseline (drop --check/--write-baseline)")
+    if args.out:
+        os.environ[RESULTS_ENV] = str(args.out.resolve())  # the benchmarks' subprocesses inherit it
+
+    if args.collect:
+        specs, ran, machine = collect(args.collect)
+        print(f"collected {len(specs)} figures of {', '.join(ran)} from {args.collect}")
+    else:
+        start = time.perf_counter()
+        specs, ran = run_suite(args)
+        elapsed = time.perf_counter() - start
+        summary = {"name": "suite", "quick": args.quick, "rehearsal": args.rehearse, "seconds": elapsed,
+                   "checks": {k: float(v["value"]) for k, v in specs.items()}}
+        print(f"\nsuite finished in {elapsed:.1f} s; results in {write_results('suite', summary).parent}")
+        machine = machine_info()
+    checks = {k: float(v["value"]) for k, v in specs.items()}
 
     if args.write_baseline is not None:
-        base = {"checks": {k: {"value": v, "higher_is_better": bool(specs[k].get("higher_is_better", True)),
-                               "rel_tol": float(specs[k].get("rel_tol", 0.5))} for k, v in checks.items()}}
+        base = {"machine": machine, "checks": {
+            k: {"value": v, "higher_is_better": bool(specs[k].get("higher_is_better", True)),
+                "rel_tol": float(specs[k].get("rel_tol", 0.5))} for k, v in checks.items()}}
         target = Path(args.write_baseline) if args.write_baseline else baseline_path()
         atomic_write_text(target, json.dumps(base, indent=2) + "\n")
         print(f"wrote baseline {target}")
     if args.check:
-        path = baseline_path()
+        path = args.baseline or baseline_path()
         if not path.exists():
             print(f"no baseline at {path}; run with --write-baseline first", file=sys.stderr)
             return 2
         print(f"\nchecking against {path}")
-        failures = compare(checks, json.loads(path.read_text()), ran=args.only or BENCHMARKS)
+        failures = compare(checks, json.loads(path.read_text()), ran=ran)
         if failures:
             print(f"{len(failures)} regression(s): {', '.join(failures)}", file=sys.stderr)
             return 1

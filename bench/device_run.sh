@@ -1,21 +1,46 @@
 #!/usr/bin/env bash
-# One prepared GPU session (H100/H200) for the Performance figures: the suite on the real Wan shapes,
-# everything written to $OUT (the device tool brings back at most 8 files: this makes 7).
-#   OUT=/some/dir bash bench/device_run.sh            # budget: about 7 minutes on one H200
-# Order: the one-step DiT forward (1.3B 480p/720p, 14B 720p, SDPA backends, torch.compile of the
-# 480p case), then the APT iteration (FSDP2 + bf16 + AC), then aR1 vs exact R1. Each benchmark
-# writes its JSON as soon as it ends, so a session cut short still returns what finished.
+# One prepared GPU session (one H100/H200) for the README's Performance figures, the real Wan shapes
+# in bf16, everything written to $OUT (the device tool brings back at most 8 files; this makes 7):
+#   OUT=/some/dir bash bench/device_run.sh      # at most ~9.5 minutes; typically ~6
+# Each part has its own time limit and writes its JSON when it ends, so a part that hangs or runs
+# out of memory costs only its own slot. In order of importance:
+#   1. inference        one-step DiT: 1.3B 480p/720p, 14B 720p, SDPA backends and choices   (180 s)
+#   2. trainer_scaling  one APT iteration, 1.3B 480p, FSDP2 + bf16 + AC                     (150 s)
+#   3. r1_cost          D step, aR1 vs exact R1, 1.3B 480p x 9 and x 81 frames              (130 s)
+#   4. inference_compiled  torch.compile of each block, 1.3B 480p: compile time and speed    (90 s)
+# Then the GPU baseline from what finished: $OUT/baseline_gpu.json (copy it to bench/).
+# REHEARSE=1 runs the same parts with --rehearse (stand-in sizes, CPU) and writes no baseline:
+# tests/bench checks the script that way before a device session is spent on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/device}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 APT_BENCH_RESULTS="$OUT"
+LOG="$OUT/log.txt"
 {
+    date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-    nproc
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU visible')"
+    echo "cpus $(nproc)"
 } > "$OUT/machine.txt" 2>&1
-timeout "${SUITE_TIMEOUT_S:-480}" "$PY" -m bench --compile --out "$OUT" --write-baseline "$OUT/baseline_gpu.json" 2>&1 \
-    | tee "$OUT/log.txt"
-echo "suite exit ${PIPESTATUS[0]}" | tee -a "$OUT/log.txt"
+cat "$OUT/machine.txt"
+
+part() {  # part SECONDS ARGS...: one benchmark under its own time limit, its output in the log
+    local limit="$1"
+    shift
+    echo "=== $* (limit ${limit} s) ===" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$PY" "$@" ${REHEARSE:+--rehearse} 2>&1 | tee -a "$LOG"
+    echo "=== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s: $* ===" | tee -a "$LOG"
+}
+
+part 180 -m bench.inference --no-cpu
+part 150 -m bench.trainer_scaling
+part 130 -m bench.r1_cost
+part 90 -m bench.inference --only-compiled --name inference_compiled
+if [ -z "${REHEARSE:-}" ]; then
+    "$PY" -m bench --collect "$OUT" --write-baseline "$OUT/baseline_gpu.json" 2>&1 | tee -a "$LOG"
+else
+    "$PY" -m bench --collect "$OUT" 2>&1 | tee -a "$LOG"
+fi

@@ -89,3 +89,19 @@ def test_rehearse_refuses_a_baseline():
     proc = subprocess.run([sys.executable, "-m", "bench", "--rehearse", "--check"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--rehearse" in proc.stderr
+
+
+def test_the_prepared_device_script_runs_every_part(tmp_path):
+    # bench/device_run.sh is what a GPU session runs first; REHEARSE=1 runs its parts on CPU.
+    env = {**os.environ, "REHEARSE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "bench/device_run.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["inference.json", "inference_compiled.json", "log.txt", "machine.txt", "r1_cost.json",
+                     "trainer_scaling.json"]
+    assert len(files) + 1 <= 8  # + baseline_gpu.json on a GPU; the device tool returns at most 8 files
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("=== exit 0 after") == 4, log[-2000:]
+    (row,) = json.loads((tmp_path / "inference_compiled.json").read_text())["dit"]
+    assert row["compiled"] and row["compile_s"] is not None and row["compiled_graphs"] == 1
