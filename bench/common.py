@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -102,9 +103,17 @@ def tokens_of(cfg: WanConfig, shape: Sequence[int]) -> int:
     return (f // pf) * (h // ph) * (w // pw)
 
 
-def wan_forward_flops(dim: int, ffn_dim: int, num_layers: int, tokens: int, text_len: int, text_dim: int) -> float:
-    """Matmul FLOPs of one Wan DiT forward (docs/wan21_reference.md): linears + self/cross attention."""
-    n, d, f, layers, lt = tokens, dim, ffn_dim, num_layers, text_len
+def wan_forward_flops(cfg: WanConfig, tokens: int, num_layers: int | None = None, head: bool = True) -> float:
+    """Matmul FLOPs of one Wan DiT forward (docs/wan21_reference.md) for one sample of `tokens`.
+
+    Per block: self-attention projections and scores, cross-attention (q/o on the tokens, k/v on
+    the text), FFN; plus the patch, text and time embeddings and, with `head`, the output head.
+    `num_layers` < the depth counts a truncated forward (the APT discriminator's feature tap).
+    Equal to torch.utils.flop_counter's count of a real forward (tests/bench).
+    """
+    n, d, f, lt = tokens, cfg.dim, cfg.ffn_dim, cfg.text_len
+    layers = cfg.num_layers if num_layers is None else num_layers
+    patch = math.prod(cfg.patch_size)
     per_block = (
         2 * n * 4 * d * d  # self-attn q, k, v, o
         + 4 * n * n * d  # self-attn scores and weighted sum
@@ -113,8 +122,13 @@ def wan_forward_flops(dim: int, ffn_dim: int, num_layers: int, tokens: int, text
         + 4 * n * lt * d  # cross-attn scores and weighted sum
         + 2 * n * 2 * d * f  # ffn
     )
-    embed = 2 * lt * (text_dim * d + d * d)
-    return layers * per_block + embed
+    embed = (
+        2 * n * cfg.in_dim * patch * d  # patch embedding (a strided conv = one matmul per token)
+        + 2 * lt * (cfg.text_dim * d + d * d)  # text embedding MLP
+        + 2 * (cfg.freq_dim * d + d * d + d * 6 * d)  # time embedding MLP + 6-way projection
+    )
+    out = 2 * n * d * patch * cfg.out_dim if head else 0
+    return layers * per_block + embed + out
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:

@@ -167,9 +167,11 @@ def bench_dit(
                 first = time_fn(step, device, warmup=0, repeat=1)
                 seconds = time_fn(step, device, warmup=1, repeat=3 if cfg.dim > 4000 else 5)
             tokens = tokens_of(cfg, shape)
-            flops = wan_forward_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, tokens, cfg.text_len, cfg.text_dim)
+            flops = wan_forward_flops(cfg, tokens)
             row = {
                 "case": name,
+                "preset": preset,
+                "latent_shape": [1, *shape],
                 "dtype": str(dtype).removeprefix("torch."),
                 "compiled": compile_blocks,
                 "tokens": tokens,

@@ -87,8 +87,8 @@ def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, h
     cfg = get_config(preset)
     c, f, h, w = latent
     tokens = (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    fwd_g = wan_forward_flops(cfg.dim, cfg.ffn_dim, cfg.num_layers, tokens, cfg.text_len, cfg.text_dim)
-    fwd_d = wan_forward_flops(cfg.dim, cfg.ffn_dim, max(head_layers) + 1, tokens, cfg.text_len, cfg.text_dim)
+    fwd_g = wan_forward_flops(cfg, tokens)
+    fwd_d = wan_forward_flops(cfg, tokens, num_layers=max(head_layers) + 1, head=False)
     return fwd_g + 3 * 3 * fwd_d + 3 * fwd_g + 3 * fwd_d
 
 
@@ -189,7 +189,8 @@ def measure(
     preset, latent, _, micro = CASES[case]
     step_s = ranks[0]["step_s"]
     row = {
-        "case": case, "device": device, "compiled": compile_blocks, "attention": ranks[0]["attention"],
+        "case": case, "preset": preset, "latent_shape_per_rank": [micro, *latent], "text_len": CASES[case][2],
+        "device": device, "compiled": compile_blocks, "attention": ranks[0]["attention"],
         "mixed_precision": ranks[0]["mixed_precision"],
         "activation_checkpointing": ranks[0]["activation_checkpointing"],
         "processes": nproc, "threads_per_process": threads, "micro_batch_per_rank": micro,
