@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from apt_core.backbone import unwrap
 from apt_core.flow import sample_timesteps
+from apt_core.models.attention import sdpa_single_query
 from apt_core.models.io import compare_shapes, describe_mismatch
 
 PAPER_TAPS = (16, 26, 36)  # 1-based "after block k" of a 36-block model (APT sec. 3.3)
@@ -76,7 +76,7 @@ class CrossAttentionHead(nn.Module):
         q = self.q(query).view(b, 1, h_, hd).transpose(1, 2)  # [B, heads, 1, hd]
         k = self.k(kv).view(b, n, h_, hd).transpose(1, 2)
         v = self.v(kv).view(b, n, h_, hd).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
+        attn = sdpa_single_query(q, k, v).transpose(1, 2).reshape(b, 1, d)
         h = query + self.o(attn)
         h = h + self.mlp(self.norm_mlp(h))
         return h[:, 0]

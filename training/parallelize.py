@@ -62,10 +62,12 @@ def apply_fsdp(
     """FSDP2: `fully_shard` each transformer block, then the root (embeddings, head, D heads).
 
     With `dtype` bf16 the all-gathered parameters and compute are bf16 while the sharded master
-    weights, optimiser state and the gradient reduce-scatter stay fp32.
+    weights, optimiser state and the gradient reduce-scatter stay fp32. Forward inputs are NOT cast
+    (`cast_forward_inputs=False`): the model casts what its layers need, and the timestep, the
+    time modulation `e0` and the RoPE tables must stay fp32 (bf16 would put t = 0.999 at 1.0).
     """
     mesh = init_device_mesh(world.device.type, (world.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed right away in backward: do not reshard after forward

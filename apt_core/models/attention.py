@@ -70,6 +70,8 @@ def fastest_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeat: i
                         times[name] = time.perf_counter() - start
                 except RuntimeError:  # this backend does not take these inputs on this device
                     continue
+        if not times:  # cannot happen with the math kernel enabled; say so rather than fail on min()
+            raise RuntimeError(f"no SDPA backend runs q {tuple(q.shape)} k {tuple(k.shape)} {q.dtype} on {q.device}")
         _FASTEST[key] = min(times, key=times.get)
     return _FASTEST[key]
 
@@ -78,6 +80,20 @@ def auto_choices() -> dict[str, str]:
     """What "auto" picked so far: "q [B,H,N,D] k [B,H,M,D] dtype device grad" -> backend name."""
     return {f"q {list(k[0])} k {list(k[1])} {str(k[2]).removeprefix('torch.')} {k[3]} grad={k[4]}": v
             for k, v in _FASTEST.items()}
+
+
+def sdpa_single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA of [B, heads, 1, D] queries over [B, heads, N, D] keys/values, never through cuDNN.
+
+    cuDNN's SDPA backward has returned NaN dK/dV for a single query row on H200 (cudnn-frontend
+    issue 1072, cuDNN 9.25/9.26), and cuDNN is PyTorch's default backend on Hopper since 2.11. Flash,
+    efficient and math attention take one query just as fast. An enclosing restriction still wins.
+    """
+    context = nullcontext()
+    if not torch.compiler.is_compiling() and _all_backends_enabled():
+        context = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    with context:
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "default") -> torch.Tensor:
