@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -92,8 +93,13 @@ def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", warmup
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    return statistics.median(times)
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's first message line (its type when the message is empty), for a results row."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:limit]
 
 
 def tokens_of(cfg: WanConfig, shape: Sequence[int]) -> int:
@@ -129,6 +135,13 @@ def wan_forward_flops(cfg: WanConfig, tokens: int, num_layers: int | None = None
     )
     out = 2 * n * d * patch * cfg.out_dim if head else 0
     return layers * per_block + embed + out
+
+
+def wan_attention_flops(cfg: WanConfig, tokens: int, num_layers: int | None = None) -> float:
+    """The attention-score part of `wan_forward_flops` (self and cross): the FLOPs with no weights,
+    whose backward costs 2x forward even where no parameter gradient is wanted."""
+    layers = cfg.num_layers if num_layers is None else num_layers
+    return layers * (4 * tokens * tokens * cfg.dim + 4 * tokens * cfg.text_len * cfg.dim)
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:

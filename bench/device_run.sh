@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU session (one H100/H200) for the README's Performance figures, the real Wan shapes
 # in bf16, everything written to $OUT (the device tool brings back at most 8 files; this makes 7):
-#   OUT=/some/dir bash bench/device_run.sh      # at most ~9.5 minutes; typically ~6
-# Each part has its own time limit and writes its JSON when it ends, so a part that hangs or runs
-# out of memory costs only its own slot. In order of importance:
-#   1. inference        one-step DiT: 1.3B 480p/720p, 14B 720p, SDPA backends and choices   (180 s)
-#   2. trainer_scaling  one APT iteration, 1.3B 480p, FSDP2 + bf16 + AC                     (150 s)
-#   3. r1_cost          D step, aR1 vs exact R1, 1.3B 480p x 9 and x 81 frames              (130 s)
-#   4. inference_compiled  torch.compile of each block, 1.3B 480p: compile time and speed    (90 s)
+#   OUT=/some/dir bash bench/device_run.sh      # at most ~9 minutes; typically ~6
+# Each part has its own time limit and rewrites its JSON after every case, so a part that hangs,
+# runs out of memory or hits its limit costs only its own slot. In order of importance:
+#   1. inference        one-step DiT: 1.3B 480p/720p, 14B 720p, SDPA backends and choices   (160 s)
+#   2. trainer_scaling  one APT iteration, 1.3B 480p, FSDP2 + bf16 + AC                     (140 s)
+#   3. r1_cost          D step, aR1 vs exact R1, 1.3B 480p x 1 and x 81 frames              (120 s)
+#   4. inference_compiled  torch.compile of each block, 1.3B 480p: compile time and speed    (80 s)
 # Then the GPU baseline from what finished: $OUT/baseline_gpu.json (copy it to bench/).
 # REHEARSE=1 runs the same parts with --rehearse (stand-in sizes, CPU) and writes no baseline:
 # tests/bench checks the script that way before a device session is spent on it.
@@ -35,10 +35,10 @@ part() {  # part SECONDS ARGS...: one benchmark under its own time limit, its ou
     echo "=== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s: $* ===" | tee -a "$LOG"
 }
 
-part 180 -m bench.inference --no-cpu
-part 150 -m bench.trainer_scaling
-part 130 -m bench.r1_cost
-part 90 -m bench.inference --only-compiled --name inference_compiled
+part 160 -m bench.inference --no-cpu
+part 140 -m bench.trainer_scaling
+part 120 -m bench.r1_cost
+part 80 -m bench.inference --only-compiled --name inference_compiled
 if [ -z "${REHEARSE:-}" ]; then
     "$PY" -m bench --collect "$OUT" --write-baseline "$OUT/baseline_gpu.json" 2>&1 | tee -a "$LOG"
 else

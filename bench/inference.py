@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
 
 from apt_core.backbone import WanCond, build_flow_model
 from apt_core.flow import euler_sample, generate_one_step
+from apt_core.models.wan import WanRMSNorm
 from bench.common import (
     default_device,
+    first_line,
     machine_info,
     measured_matmul_tflops,
     peak_tflops,
@@ -103,7 +107,7 @@ def sdpa_backends_check(device: torch.device, shape: tuple[int, int, int, int], 
             with sdpa_kernel([backend]):
                 out[backend.name] = {"ok": True, "ms": 1e3 * time_fn(attend, device, repeat=5)}
         except RuntimeError as err:
-            out[backend.name] = {"ok": False, "error": str(err).splitlines()[0][:200]}
+            out[backend.name] = {"ok": False, "error": first_line(err)}
     out["default"] = {"ok": True, "ms": 1e3 * time_fn(attend, device, repeat=5)}
     return out
 
@@ -118,20 +122,36 @@ def forward_by_backend(model: torch.nn.Module, z: torch.Tensor, cond: WanCond, d
     with torch.no_grad():
         for name in attn.CHOICES:
             model.set_attention_backend(name)
-            try:
-                out[name] = time_fn(step, device, warmup=1, repeat=2)
+            try:  # the math kernel is slow at real sizes: one timed call is enough to rank it
+                out[name] = time_fn(step, device, warmup=1, repeat=1 if name == "math" else 2)
             except RuntimeError as err:
-                out[name] = str(err).splitlines()[0][:200]
+                out[name] = first_line(err)
         model.set_attention_backend("default")
     out["auto_picked"] = attn.auto_choices()
     return out
 
 
 def build_random(preset: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Random weights in a preset's real shapes, allocated once in `dtype` on `device` (meta first)."""
+    """Random weights in a preset's real shapes, allocated once in `dtype` on `device` (meta first).
+
+    `to_empty` leaves memory uninitialised and `init_weights` covers the Linear/conv weights only, so
+    every parameter is drawn first and the norms and modulation tables are set as WanModel builds them.
+    """
     model = build_flow_model(preset, device="meta").to(dtype)
     model.to_empty(device=device)
+    with torch.no_grad():
+        for param in model.parameters():  # anything init_weights leaves (e.g. the patch conv's bias)
+            param.normal_(std=0.02)
     model.init_weights()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (WanRMSNorm, torch.nn.LayerNorm)) and module.weight is not None:
+                module.weight.fill_(1.0)
+            if isinstance(module, torch.nn.LayerNorm) and module.bias is not None:
+                module.bias.zero_()
+        for name, param in model.named_parameters():
+            if name.endswith("modulation"):
+                param.normal_(std=model.config.dim**-0.5)
     return model.eval()
 
 
@@ -141,16 +161,18 @@ def bench_dit(
     dtype: torch.dtype = torch.bfloat16,
     compile_blocks: bool = False,
     backends_on_first: bool = True,
+    on_row: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """One-step DiT forward latency, MFU, tokens/s and peak memory per case (random weights, batch 1).
 
-    With `compile_blocks`, `compile_s` is the first call's time above a steady call: the compile cost.
-    The first case also times the whole forward under each SDPA backend (`forward_by_backend`).
+    The first call is the warm-up; with `compile_blocks`, `compile_s` is its time above a steady
+    call: the compile cost. The first case also times the whole forward under each attention
+    choice (`forward_by_backend`). `on_row(rows)` runs after every case (to save partial results).
     """
     rows = []
     peak = peak_tflops() if device.type == "cuda" else None
     for i, (name, (preset, shape)) in enumerate(cases.items()):
-        model = None
+        model = z = cond = step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -164,8 +186,10 @@ def bench_dit(
             cond = WanCond(torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype))
             step = partial(generate_one_step, model, z, cond)
             with torch.no_grad():
-                first = time_fn(step, device, warmup=0, repeat=1)
-                seconds = time_fn(step, device, warmup=1, repeat=3 if cfg.dim > 4000 else 5)
+                start = time.perf_counter()
+                finite = bool(torch.isfinite(step()).all())  # a NaN from a kernel would show here
+                first = time.perf_counter() - start
+                seconds = time_fn(step, device, warmup=int(compile_blocks), repeat=3 if cfg.dim > 4000 else 5)
             tokens = tokens_of(cfg, shape)
             flops = wan_forward_flops(cfg, tokens)
             row = {
@@ -178,6 +202,7 @@ def bench_dit(
                 "tflop_per_forward": flops / 1e12,
                 "seconds": seconds,
                 "first_call_s": first,
+                "output_finite": finite,
                 "compile_s": first - seconds if compile_blocks else None,
                 "compiled_graphs": _compiled_graphs() if compile_blocks else None,
                 "ideal_seconds": flops / 1e12 / peak if peak else None,
@@ -188,12 +213,15 @@ def bench_dit(
             if i == 0 and backends_on_first and not compile_blocks:
                 row["forward_s_by_sdpa_backend"] = forward_by_backend(model, z, cond, device)
             rows.append(row)
-        except torch.OutOfMemoryError:
-            rows.append({"case": name, "error": "out of memory"})
+        except RuntimeError as err:  # out of memory (a RuntimeError too) or a kernel refusing the case
+            kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) else "error"
+            rows.append({"case": name, "preset": preset, "latent_shape": [1, *shape], "error": f"{kind}: {first_line(err)}"})
         finally:
-            del model
+            model = z = cond = step = None  # free this case before the next is built
             sync(device)
         print(f"{name}: {rows[-1].get('seconds', rows[-1].get('error'))}", flush=True)
+        if on_row:
+            on_row(rows)
     return rows
 
 
@@ -211,6 +239,11 @@ def gpu_checks(rows: list[dict]) -> dict:
     are recorded, not checked: compiling is optional, so a run without it must not count as missing."""
     return {f"{r['case']}.mfu": {"value": r["mfu"], "higher_is_better": True, "rel_tol": 0.15}
             for r in rows if r.get("mfu") and not r.get("compiled")}
+
+
+def save_partial(results: dict, name: str, earlier: list[dict], rows: list[dict]) -> None:
+    """Write what is measured so far, so a run stopped at its time limit still leaves its figures."""
+    write_results(name, results | {"dit": earlier + rows, "partial": True})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,9 +290,11 @@ def main(argv: list[str] | None = None) -> dict:
             results["sdpa_backends"] = sdpa_backends_check(device, attn_shape, torch.bfloat16)
             print(f"\nmeasured bf16 matmul: {results['matmul_tflops_measured']} TFLOP/s")
             print("SDPA backends:", json.dumps(results["sdpa_backends"]))
-            gpu_rows = bench_dit(device, cases)
+            gpu_rows = bench_dit(device, cases, on_row=partial(save_partial, results, args.name, []))
         if args.compile or args.only_compiled:
-            gpu_rows += bench_dit(device, dict(list(cases.items())[:1]), compile_blocks=True)
+            eager = list(gpu_rows)
+            gpu_rows += bench_dit(device, dict(list(cases.items())[:1]), compile_blocks=True,
+                                  on_row=partial(save_partial, results, args.name, eager))
         print_table(
             f"One-step Wan DiT forward, bf16, batch 1 ({machine_info().get('gpu', device.type)})",
             gpu_rows,

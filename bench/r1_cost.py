@@ -38,19 +38,22 @@ CASES = {
     "tiny": ("tiny", (16, 3, 16, 16), 4),
     "small": ("small", (16, 2, 16, 16), 2),
 }
-# CUDA: Wan 2.1 1.3B at 480p, bf16 autocast, per-block activation checkpointing: 9 frames (latent
-# F=3, 4,680 tokens), where exact R1's math attention may still fit, and the real 81 (32,760 tokens).
+# CUDA: Wan 2.1 1.3B at 480p, bf16 autocast, per-block activation checkpointing. One frame (latent
+# F=1, 1,560 tokens: APT's image phase), where exact R1 fits: its math-kernel double backward keeps
+# about three fp32 N x N matrices per attention layer alive (~21 GB here, ~176 GB at 9 frames). And
+# the real 81 frames (32,760 tokens), where exact R1 is expected to run out of memory: recorded.
 GPU_CASES = {
-    "wan1.3b-480p-9f": ("wan2.1-t2v-1.3b", (16, 3, 60, 104), 1),
+    "wan1.3b-480p-1f": ("wan2.1-t2v-1.3b", (16, 1, 60, 104), 1),
     "wan1.3b-480p-81f": ("wan2.1-t2v-1.3b", (16, 21, 60, 104), 1),
 }
-# variants per case where not all three: at 81 frames the no-R1 floor is skipped (device time)
+# at 81 frames (device time): no no-R1 floor, and one timed step after the warm-up
 CASE_VARIANTS = {"wan1.3b-480p-81f": ("approx", "exact")}
+CASE_STEPS = {"wan1.3b-480p-81f": 1}
 # The CUDA code path (bf16 autocast + checkpointing) at a stand-in size, for `--rehearse` on CPU.
 REHEARSAL_CASES = {"tiny-comfy-rehearsal": ("tiny-comfy", (16, 3, 8, 8), 2)}
 ALL_CASES = {**CASES, **GPU_CASES, **REHEARSAL_CASES}
 VARIANTS = ("none", "approx", "exact")
-WORKER_TIMEOUT_S = 100  # a GPU variant that runs longer is recorded as stopped, not waited for
+WORKER_TIMEOUT_S = 50  # a GPU variant that runs longer is recorded as stopped, not waited for
 
 
 def double_backward_support(device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
@@ -89,7 +92,7 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
     from apt_core.backbone import WanCond, build_flow_model
     from apt_core.discriminator import APTDiscriminator
     from apt_core.trainer import APTConfig, APTTrainer, make_rmsprop
-    from bench.common import tokens_of
+    from bench.common import first_line, tokens_of
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -120,6 +123,7 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
     row = {"case": case, "variant": variant, "preset": preset, "shape": [batch, *shape],
            "tokens": tokens_of(gen.config, shape), "dtype": "bf16 autocast" if gpu_path else "float32",
            "activation_checkpointing": gpu_path, "d_forward_batch": batch * (3 if variant == "approx" else 2),
+           "timed_steps": steps,
            "d_params_trainable": sum(p.numel() for p in D.trainable_parameters())}
     times, cpu_times = [], []
     try:
@@ -130,10 +134,9 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
             if i > 0:
                 times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
-    except (torch.OutOfMemoryError, RuntimeError) as err:  # exact R1 at the real shape: record what happens
-        peak = torch.cuda.max_memory_allocated() - base if dev.type == "cuda" else None
+    except RuntimeError as err:  # exact R1 at the real shape: record what happens (OOM is a RuntimeError)
         kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) else "error"
-        return row | {"error": f"{kind}: {str(err).splitlines()[0][:300]}", "peak_mib": peak and peak / 2**20}
+        return row | {"error": f"{kind}: {first_line(err)}"}
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -149,11 +152,14 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
 
 def _spawn(case: str, variant: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "bench.r1_cost", "--worker", case, variant,
-           "--device", args.device, "--steps", str(args.steps), "--threads", str(args.threads)]
+           "--device", args.device, "--steps", str(CASE_STEPS.get(case, args.steps)), "--threads", str(args.threads)]
     timeout = None if case in CASES else WORKER_TIMEOUT_S
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:  # run() has killed the worker: its GPU memory is free
+        tail = (err.stderr or b"")[-500:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        print(f"worker {case}/{variant} stopped after {timeout} s; its last stderr:\n{tail}", flush=True)
         return {"case": case, "variant": variant, "error": f"did not finish within {timeout} s (stopped)"}
     if out.returncode != 0:
         message = f"worker {case}/{variant} failed (exit {out.returncode}):\n{out.stderr[-2000:]}"
@@ -167,7 +173,7 @@ def _spawn(case: str, variant: str, args: argparse.Namespace) -> dict:
 def _add_ratios(rows: list[dict]) -> None:
     """time / CPU time / peak memory of each variant over approximated R1's, where both ran."""
     for case in dict.fromkeys(r["case"] for r in rows):
-        by = {r["variant"]: r for r in rows if r["case"] == case}
+        by = {r["variant"]: r for r in rows if r["case"] == case and "error" not in r}
         ref = by.get("approx", {})
         for r in by.values():
             for key, field in (("time", "step_ms"), ("cpu", "step_cpu_ms"), ("mem", "peak_mib")):
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in CASE_VARIANTS.get(case, VARIANTS):
             rows.append(_spawn(case, variant, args))
             print(f"{case}/{variant}: {rows[-1].get('step_ms', rows[-1].get('error'))}", flush=True)
+            write_results("r1_cost", {"name": "r1_cost", "device": args.device, "rows": rows, "partial": True})
     _add_ratios(rows)
     print_table(
         f"APT D step: approximated vs exact R1 ({args.device}, 1 process per variant)",

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,10 +30,17 @@ from pathlib import Path
 import torch
 
 from apt_core.models.attention import CHOICES as ATTENTION_CHOICES
-from bench.common import default_device, peak_tflops, print_table, wan_forward_flops, write_results
+from bench.common import (
+    default_device,
+    peak_tflops,
+    print_table,
+    wan_attention_flops,
+    wan_forward_flops,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_JOB_TIMEOUT_S = 300
+GPU_JOB_TIMEOUT_S = 120  # inside bench/device_run.sh's 140 s for this part
 
 # name: (preset, latent [C, F, H, W], text length, per-rank micro batch)
 CASES = {
@@ -79,8 +87,10 @@ def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, h
     """Model FLOPs of one APT iteration per sample (recompute not counted, as MFU is defined).
 
     D step: G forward (no grad) + D forward/backward on [real, fake, real + sigma n] (3x batch);
-    G step: G forward/backward + D forward/backward on the fakes. forward/backward = 3 x forward.
-    D runs its backbone only up to the deepest tap.
+    G step: G forward/backward + D forward/backward on the fakes. forward + backward = 3 x forward,
+    except for D in the G step: its parameters are frozen there, so its matmuls skip the weight
+    gradient (2 x forward) while its attention scores still cost 3 x. D runs its backbone only up
+    to the deepest tap.
     """
     from apt_core.models.wan import get_config
 
@@ -88,8 +98,11 @@ def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, h
     c, f, h, w = latent
     tokens = (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     fwd_g = wan_forward_flops(cfg, tokens)
-    fwd_d = wan_forward_flops(cfg, tokens, num_layers=max(head_layers) + 1, head=False)
-    return fwd_g + 3 * 3 * fwd_d + 3 * fwd_g + 3 * fwd_d
+    depth_d = max(head_layers) + 1
+    fwd_d = wan_forward_flops(cfg, tokens, num_layers=depth_d, head=False)
+    attn_d = wan_attention_flops(cfg, tokens, num_layers=depth_d)
+    d_in_g_step = 3 * attn_d + 2 * (fwd_d - attn_d)
+    return fwd_g + 3 * 3 * fwd_d + 3 * fwd_g + d_in_g_step
 
 
 def run_worker(
@@ -131,13 +144,15 @@ def run_worker(
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         metrics = stage.step(step, batch)
-        float(metrics["g_loss"])  # host sync: the step is done
+        float(metrics["g_loss"])  # host sync: the step is done (this benchmark's, not the loop's)
         if cuda:
             torch.cuda.synchronize()
         if step:  # the first iteration is warm-up
             times.append(time.perf_counter() - t0)
     out = {
         "rank": world.rank,
+        "metrics_finite": all(bool(torch.isfinite(v).all()) for v in metrics.values()),
+        "last_losses": {k: float(metrics[k]) for k in ("d_loss", "g_loss") if k in metrics},
         "world_size": world.world_size,
         "step_s": statistics.median(times),
         "step_s_all": times,
@@ -168,6 +183,37 @@ def _rss_bytes() -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _run_job(cmd: list[str], env: dict, tmp: Path, timeout: float | None) -> tuple[int, str]:
+    """Run a torchrun job in its own process group; on timeout stop the whole group (torchrun's
+    workers sit in sessions of their own, so killing torchrun alone could leave one holding the
+    GPU). Returns the exit code (-9 after a timeout) and the tail of its stderr."""
+    log = tmp / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            return -9, f"stopped after {timeout} s:\n" + log.read_text()[-3000:]
+    return returncode, log.read_text()[-4000:]
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the job's process group (torchrun passes it on to its workers), then SIGKILL what is left."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    # workers in sessions of their own: kill them by the marker on their command line
+    subprocess.run(["pkill", "-KILL", "-f", "bench.trainer_scaling --worker"], check=False)
+
+
 def measure(
     case: str, nproc: int, steps: int, threads: int, device: str = "cpu", compile_blocks: bool = False,
     attention: str = "default",
@@ -180,11 +226,9 @@ def measure(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "bench.trainer_scaling", "--worker", case, "--steps", str(steps), "--out", tmp, "--device", device]
         cmd += ["--compile"] * compile_blocks + ["--attention", attention]
-        # a GPU job that hangs (e.g. a collective) must not use up a device session: stop it
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=GPU_JOB_TIMEOUT_S if device == "cuda" else None)
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+        returncode, stderr = _run_job(cmd, env, Path(tmp), GPU_JOB_TIMEOUT_S if device == "cuda" else None)
+        if returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {returncode}):\n{stderr}")
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
     preset, latent, _, micro = CASES[case]
     step_s = ranks[0]["step_s"]
@@ -198,6 +242,8 @@ def measure(
         "s_per_sample": step_s / (micro * nproc),
         "peak_rss_mib_max_rank": max(r["peak_rss_bytes"] for r in ranks) / 2**20,
         "params_g": ranks[0]["params_g"],
+        "metrics_finite": all(r["metrics_finite"] for r in ranks),
+        "last_losses_rank0": ranks[0]["last_losses"],
     }
     flops = _apt_flops_per_sample(preset, latent, CASES[case][2], ranks[0]["head_layers"])
     row["tflop_per_sample"] = flops / 1e12
@@ -253,16 +299,20 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             try:
                 rows.append(measure(case, n, steps, args.threads, args.device, args.compile, attention))
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
+            except RuntimeError as err:
                 if not cuda:  # the CPU cases must run: a failure there is a bug
                     raise
-                rows.append({"case": case, "processes": n, "error": str(err).strip().splitlines()[-1][:300]})
+                print(str(err)[-3000:], flush=True)  # the job's stderr tail, into the device log
+                lines = str(err).strip().splitlines()
+                rows.append({"case": case, "processes": n, "error": " | ".join(lines[-3:])[-400:]})
             took = f"{time.perf_counter() - t0:.0f} s incl. start-up"
             print(f"{case} x{n}: {rows[-1].get('step_s', rows[-1].get('error'))} s/iteration ({took})", flush=True)
+            write_results("trainer_scaling", {"name": "trainer_scaling", "device": args.device, "rows": rows,
+                                              "partial": True})
     columns = ["case", "processes", "global_batch", "step_s", "samples_per_s", "s_per_sample", "peak_rss_mib_max_rank",
                "tflops_per_device"]
     if cuda:
-        columns += ["peak_cuda_gib", "mfu", "ideal_s_per_sample", "error"]
+        columns += ["peak_cuda_gib", "mfu", "ideal_s_per_sample", "metrics_finite", "error"]
     settings = "bf16 + AC" if cuda or args.rehearse else "fp32, gloo"
     print_table(f"APT iteration (D step + G step), FSDP2, {settings} ({args.device})", rows, columns)
     results = {

@@ -37,6 +37,7 @@ def test_rehearsal_runs_the_dit_forward_path_in_bf16(rehearsal):
     assert inf["rehearsal"] and "samplers_cpu" not in inf  # the GPU path only
     (row,) = inf["dit"]
     assert "error" not in row and row["dtype"] == "bfloat16" and row["seconds"] > 0
+    assert row["output_finite"] is True  # every weight initialised (to_empty leaves garbage), no NaN kernel
     assert row["tokens"] == 3 * 4 * 4 and row["tflop_per_forward"] > 0
     timed = row["forward_s_by_sdpa_backend"]
     for choice in ("default", "auto", "flash", "cudnn", "efficient", "math"):  # CPU falls back where needed
@@ -52,6 +53,7 @@ def test_rehearsal_runs_the_training_iteration_with_the_gpu_settings(rehearsal):
     assert row["mixed_precision"] == "bf16" and row["activation_checkpointing"] is True
     assert row["attention"] == "auto"  # parallel.attention reaches the models through parallelize
     assert row["step_s"] > 0 and row["tflop_per_sample"] > 0 and row["processes"] == 1
+    assert row["metrics_finite"] is True and set(row["last_losses_rank0"]) == {"d_loss", "g_loss"}
 
 
 def test_rehearsal_runs_every_r1_variant_and_probes_double_backward(rehearsal):
@@ -105,3 +107,19 @@ def test_the_prepared_device_script_runs_every_part(tmp_path):
     assert log.count("=== exit 0 after") == 4, log[-2000:]
     (row,) = json.loads((tmp_path / "inference_compiled.json").read_text())["dit"]
     assert row["compiled"] and row["compile_s"] is not None and row["compiled_graphs"] == 1
+
+
+def test_a_hung_training_job_is_stopped_with_its_workers(tmp_path):
+    # bench.trainer_scaling stops a GPU job at its time limit; its torchrun workers must go too, or
+    # one would keep holding the GPU for the parts after it. A real torchrun job that hangs.
+    from bench.trainer_scaling import _run_job
+
+    marker = f"apt_hang_{os.getpid()}"
+    script = tmp_path / f"{marker}.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(600)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", str(script)]
+    returncode, stderr = _run_job(cmd, env, tmp_path, timeout=8)
+    assert returncode == -9 and "stopped after 8 s" in stderr
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left running: {left}"
