@@ -455,3 +455,27 @@ def test_gradient_checkpointing_gives_identical_outputs_and_grads():
     for n in grads0:
         torch.testing.assert_close(grads1[n], grads0[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
     assert all(g.abs().sum() > 0 for n, g in grads0.items() if n.startswith("blocks.1."))
+
+
+def test_rope_tables_are_built_once_per_grid_and_match_a_per_position_loop():
+    from apt_core.models.wan import rope_axis_dims, rope_cos_sin
+
+    model = WanModel(get_config("tiny"))
+    x, t, c = _ok()
+    with torch.no_grad():
+        model(x, t, c)
+        model(x, t, c)
+    assert len(model._rope_cache) == 1  # two forwards of one shape: one table
+    grid = next(iter(model._rope_cache))[0]
+    assert model.rope(grid, x.device)[0] is model._rope_cache[(grid, str(x.device))][0]  # served, not rebuilt
+    model.rope((2, 3, 5), x.device)
+    assert len(model._rope_cache) == 2
+    # the vectorised table equals the per-position definition: angle = pos_axis * theta^(-2i / axis_dim)
+    head_dim, (f, h, w) = 12, (2, 3, 5)
+    cos, sin = rope_cos_sin((f, h, w), head_dim, torch.device("cpu"))
+    dims = rope_axis_dims(head_dim)
+    for index, (pf, ph, pw) in enumerate((a, b, d) for a in range(f) for b in range(h) for d in range(w)):
+        angles = [pos / 10000.0 ** (2 * i / dim) for pos, dim in zip((pf, ph, pw), dims) for i in range(dim // 2)]
+        expected = torch.tensor(angles, dtype=torch.float64)
+        torch.testing.assert_close(cos[index], expected.cos().float())
+        torch.testing.assert_close(sin[index], expected.sin().float())
