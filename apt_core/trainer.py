@@ -31,6 +31,15 @@ def make_rmsprop(params: Iterable[nn.Parameter], lr: float, alpha: float = 0.9, 
     return torch.optim.Adam(params, lr=lr, betas=(0.0, alpha), eps=eps, weight_decay=0.0)
 
 
+def _is_fsdp(module: nn.Module) -> bool:
+    """True for a module FSDP2's `fully_shard` has wrapped (or one holding such modules)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 @dataclass
 class APTConfig:
     """Stage-2 settings. Defaults = APT images; video: r1_sigma 0.1, d_timestep_shift 12.
@@ -185,6 +194,11 @@ class APTTrainer:
                 f"APTConfig.d_timestep_shift={self.config.d_timestep_shift} differs from the discriminator's "
                 f"timestep_shift={d_shift}; build both with the same shift (1 images, 12 video)"
             )
+        if self.config.r1_mode == "exact" and _is_fsdp(discriminator):
+            raise ValueError(
+                "r1_mode='exact' does not run with an FSDP2-sharded discriminator: its double backward reaches "
+                "parameters FSDP has already resharded; use r1_mode='approx' (APT's) or an unsharded D"
+            )
         self._latent_shape: tuple[int, ...] | None = None
 
     def generate(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -268,9 +282,7 @@ class APTTrainer:
             if cfg.r2:
                 extra["ar2"] = losses.approx_r1(l_fake, logits[k - 1])
                 loss = loss + cfg.r2_lambda * extra["ar2"]
-            # exact R1: backward recomputes checkpointed blocks; they must take the math kernel again
-            with losses.math_attention(dev) if exact else nullcontext():
-                (loss / cfg.grad_accum).backward()
+            (loss / cfg.grad_accum).backward()  # checkpointed blocks recompute with the forward's kernels
             mean.add(
                 d_loss=loss,
                 d_adv=adv,

@@ -335,6 +335,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             for key in ("steps", "micro_batch", "grad_accum"):
                 if getattr(p, key) < 0:
                     raise ConfigError(f"apt.{name}.{key} must be >= 0, got {getattr(p, key)}")
+    if cfg.parallel.compile and cfg.parallel.attention != "default":
+        raise ConfigError(f"parallel.attention={cfg.parallel.attention!r} has no effect under parallel.compile=true "
+                          "(compiled blocks take PyTorch's dispatcher); set parallel.attention='default' or compile=false")
     if len(cfg.teacher.betas) != 2:
         raise ConfigError(f"teacher.betas must have 2 values, got {cfg.teacher.betas}")
     if cfg.monitor.val_every and not cfg.monitor.val_seeds:

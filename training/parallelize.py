@@ -63,8 +63,9 @@ def apply_fsdp(
 
     With `dtype` bf16 the all-gathered parameters and compute are bf16 while the sharded master
     weights, optimiser state and the gradient reduce-scatter stay fp32. Forward inputs are NOT cast
-    (`cast_forward_inputs=False`): the model casts what its layers need, and the timestep, the
-    time modulation `e0` and the RoPE tables must stay fp32 (bf16 would put t = 0.999 at 1.0).
+    (`cast_forward_inputs=False`): the model casts what its layers need, and the timestep and the
+    RoPE tables must stay fp32 (bf16 would put t = 0.999 at 1.0). The time modulation `e0` stays an
+    fp32 tensor too, though the time-embedding layers that make it compute in bf16.
     """
     mesh = init_device_mesh(world.device.type, (world.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from apt_core.models.attention import attention, check_choice
+from apt_core.models.attention import attention, check_choice, keep_backends
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,13 @@ class Head(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def _recompute_like_forward() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """Checkpoint contexts: the recompute in backward gets the SDPA backends the forward had (exact
+    R1 runs its forward under the math kernel; a backward outside that context must not recompute
+    with flash, whose saved tensors differ)."""
+    return nullcontext(), keep_backends()
+
+
 class WanModel(nn.Module):
     """Wan 2.1 T2V DiT. `forward(x [B,C,F,H,W], timestep [B] in [0,1000], context [B,L,text_dim])`."""
 
@@ -343,7 +351,7 @@ class WanModel(nn.Module):
         """Block i, recomputed in the backward pass when gradient_checkpointing is on (and grads are)."""
         block = self.blocks[i]
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, e0, context, rope, use_reentrant=False)
+            return checkpoint(block, x, e0, context, rope, use_reentrant=False, context_fn=_recompute_like_forward)
         return block(x, e0, context, rope)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -78,6 +78,8 @@ def test_overrides_parse_types_and_nesting(tmp_path):
         ("", ["--data.micro_batch=0"], r"data.micro_batch must be >= 1, got 0"),
         ('[run]\nstage = "cd"\n', [], r"stage cd needs a teacher: set model.init_from"),
         ("[apt.image]\nsteps = 0\n[apt.video]\nsteps = 0\n", ["--run.stage=apt"], r"apt.image.steps \+ apt.video.steps"),
+        ('[parallel]\nattention = "flash2"\n', [], r"choose one of \['default', 'auto', 'flash', 'cudnn'"),
+        ("", ["--parallel.compile=true", "--parallel.attention=auto"], r"parallel.attention='auto' has no effect under"),
     ],
 )
 def test_errors_name_the_key_and_the_allowed_values(tmp_path, text, overrides, match):

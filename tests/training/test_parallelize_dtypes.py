@@ -54,3 +54,36 @@ def test_bf16_fsdp_keeps_the_timestep_modulation_and_rope_in_fp32():
     assert seen["block"]["e0"] == "torch.float32" and seen["block"]["rope_cos"] == "torch.float32", seen
     assert seen["out"] == "torch.float32" and seen["finite"]
     assert seen["attention"] == ["auto"]  # parallel.attention reached every attention layer
+
+
+EXACT_SCRIPT = r"""
+import torch
+from training.config import load_config
+from training.distributed import destroy, init_distributed
+from training.parallelize import parallelize
+from apt_core.backbone import build_flow_model
+from apt_core.discriminator import APTDiscriminator
+from apt_core.trainer import APTConfig, APTTrainer, make_rmsprop
+
+cfg = load_config("configs/tiny_cpu.toml")
+world = init_distributed("cpu", "gloo")
+gen = build_flow_model("tiny")
+D = APTDiscriminator(build_flow_model("tiny", device="meta"), copy_backbone=False)
+D = parallelize(D, APTDiscriminator(build_flow_model("tiny")).state_dict(), cfg.parallel, world)
+try:
+    APTTrainer(gen, D, make_rmsprop(gen.parameters(), 1e-4), make_rmsprop(D.parameters(), 1e-4), APTConfig(r1_mode="exact"))
+except ValueError as err:
+    print("REFUSED " + str(err))
+APTTrainer(gen, D, make_rmsprop(gen.parameters(), 1e-4), make_rmsprop(D.parameters(), 1e-4), APTConfig())
+print("APPROX OK")
+destroy()
+"""
+
+
+def test_exact_r1_with_an_fsdp_discriminator_is_refused_by_name():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", EXACT_SCRIPT], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED r1_mode='exact' does not run with an FSDP2-sharded discriminator" in proc.stdout
+    assert "APPROX OK" in proc.stdout
