@@ -42,12 +42,18 @@ destroy()
 """
 
 
-def test_bf16_fsdp_keeps_the_timestep_modulation_and_rope_in_fp32():
+def _run(script: str) -> str:
+    """Run `script` in a fresh interpreter (its own 1-process gloo group); return its stdout."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    return proc.stdout
+
+
+def test_bf16_fsdp_keeps_the_timestep_modulation_and_rope_in_fp32():
+    stdout = _run(SCRIPT)
+    seen = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))[7:])
     assert seen["block"]["weight"] == "torch.bfloat16"  # FSDP's compute dtype reached the block
     assert seen["block"]["x"] == "torch.bfloat16"  # the tokens come out of a bf16 patch embedding
     assert seen["t"] == "torch.float32", seen  # 0.999 in bf16 would be 1.0
@@ -81,9 +87,6 @@ destroy()
 
 
 def test_exact_r1_with_an_fsdp_discriminator_is_refused_by_name():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-c", EXACT_SCRIPT], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "REFUSED r1_mode='exact' does not run with an FSDP2-sharded discriminator" in proc.stdout
-    assert "APPROX OK" in proc.stdout
+    stdout = _run(EXACT_SCRIPT)
+    assert "REFUSED r1_mode='exact' does not run with an FSDP2-sharded discriminator" in stdout
+    assert "APPROX OK" in stdout
