@@ -122,19 +122,17 @@ def wan_forward_flops(cfg: WanConfig, tokens: int, num_layers: int | None = None
     patch = math.prod(cfg.patch_size)
     per_block = (
         2 * n * 4 * d * d  # self-attn q, k, v, o
-        + 4 * n * n * d  # self-attn scores and weighted sum
         + 2 * n * 2 * d * d  # cross-attn q, o
         + 2 * lt * 2 * d * d  # cross-attn k, v on the text
-        + 4 * n * lt * d  # cross-attn scores and weighted sum
         + 2 * n * 2 * d * f  # ffn
-    )
+    )  # + the attention scores and weighted sums, self and cross: wan_attention_flops
     embed = (
         2 * n * cfg.in_dim * patch * d  # patch embedding (a strided conv = one matmul per token)
         + 2 * lt * (cfg.text_dim * d + d * d)  # text embedding MLP
         + 2 * (cfg.freq_dim * d + d * d + d * 6 * d)  # time embedding MLP + 6-way projection
     )
     out = 2 * n * d * patch * cfg.out_dim if head else 0
-    return layers * per_block + embed + out
+    return layers * per_block + wan_attention_flops(cfg, tokens, layers) + embed + out
 
 
 def wan_attention_flops(cfg: WanConfig, tokens: int, num_layers: int | None = None) -> float:

@@ -20,6 +20,7 @@ import torch
 
 from apt_core.backbone import WanCond, build_flow_model
 from apt_core.flow import euler_sample, generate_one_step
+from apt_core.models.attention import BACKENDS
 from apt_core.models.wan import WanRMSNorm
 from bench.common import (
     default_device,
@@ -85,12 +86,6 @@ def bench_samplers_cpu(quick: bool) -> list[dict]:
 REHEARSAL_CASES = {"tiny-comfy-rehearsal": ("tiny-comfy", (16, 3, 8, 8))}
 
 
-def _backends():
-    from torch.nn.attention import SDPBackend
-
-    return (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
-
-
 def sdpa_backends_check(device: torch.device, shape: tuple[int, int, int, int], dtype: torch.dtype) -> dict:
     """Which SDPA backends run a [B, heads, tokens, head_dim] self-attention here, and how fast.
 
@@ -102,7 +97,7 @@ def sdpa_backends_check(device: torch.device, shape: tuple[int, int, int, int], 
     q = torch.randn(*shape, device=device, dtype=dtype)
     attend = partial(torch.nn.functional.scaled_dot_product_attention, q, q, q)
     out = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
-    for backend in _backends():
+    for backend in BACKENDS.values():
         try:
             with sdpa_kernel([backend]):
                 out[backend.name] = {"ok": True, "ms": 1e3 * time_fn(attend, device, repeat=5)}
@@ -114,7 +109,7 @@ def sdpa_backends_check(device: torch.device, shape: tuple[int, int, int, int], 
 
 def forward_by_backend(model: torch.nn.Module, z: torch.Tensor, cond: WanCond, device: torch.device) -> dict:
     """Seconds of the whole one-step forward under each attention choice of the model
-    (`set_attention_backend`: default dispatcher, auto, and each backend tried first)."""
+    (`set_attention_backend`: default dispatcher, auto, and each kernel where it takes the inputs)."""
     from apt_core.models import attention as attn
 
     step = partial(generate_one_step, model, z, cond)

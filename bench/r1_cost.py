@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -62,11 +63,13 @@ def double_backward_support(device: torch.device | str, dtype: torch.dtype = tor
     For each backend forced alone: forward, `autograd.grad(create_graph=True)` to q, then a backward
     of the gradient's norm. Records "ok" or the first line of the error.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
+
+    from apt_core.models.attention import BACKENDS
 
     out = {}
     g = torch.Generator(device="cpu").manual_seed(0)
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+    for backend in BACKENDS.values():
         q, k, v = (torch.randn(1, 2, 64, 64, generator=g).to(device, dtype).requires_grad_(True) for _ in range(3))
         try:
             with sdpa_kernel([backend]):
@@ -141,11 +144,9 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times.sort()
-    cpu_times.sort()
     return row | {
-        "step_ms": 1e3 * times[len(times) // 2],
-        "step_cpu_ms": 1e3 * cpu_times[len(cpu_times) // 2],
+        "step_ms": 1e3 * statistics.median(times),
+        "step_cpu_ms": 1e3 * statistics.median(cpu_times),
         "peak_mib": peak / 2**20,
     }
 

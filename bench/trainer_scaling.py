@@ -34,6 +34,7 @@ from bench.common import (
     default_device,
     peak_tflops,
     print_table,
+    tokens_of,
     wan_attention_flops,
     wan_forward_flops,
     write_results,
@@ -95,8 +96,7 @@ def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, h
     from apt_core.models.wan import get_config
 
     cfg = get_config(preset)
-    c, f, h, w = latent
-    tokens = (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    tokens = tokens_of(cfg, latent)
     fwd_g = wan_forward_flops(cfg, tokens)
     depth_d = max(head_layers) + 1
     fwd_d = wan_forward_flops(cfg, tokens, num_layers=depth_d, head=False)

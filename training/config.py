@@ -75,7 +75,7 @@ class ParallelSection:
     activation_checkpointing: bool = opt(False, "recompute each transformer block in backward (saves activation memory)")
     compile: bool = opt(False, "torch.compile each transformer block")
     attention: str = opt("default", "SDPA kernel: default = PyTorch's dispatcher; auto = the fastest, timed once per shape; "
-                         "or flash / cudnn / efficient / math tried first", ATTENTION_CHOICES)
+                         "or flash / cudnn / efficient / math wherever it takes the inputs", ATTENTION_CHOICES)
     backend: str = opt("auto", "process-group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
 
 

@@ -48,6 +48,14 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(wans)
 
 
+def apply_attention_backend(model: nn.Module, name: str) -> int:
+    """Set every Wan model's SDPA kernel choice (`parallel.attention`); returns how many were set."""
+    wans = [m for m in model.modules() if isinstance(m, WanModel)]
+    for m in wans:
+        m.set_attention_backend(name)
+    return len(wans)
+
+
 def apply_compile(model: nn.Module) -> int:
     """`torch.compile` each transformer block in place (`Module.compile`: parameter names unchanged)."""
     blocks = transformer_blocks(model)
@@ -136,8 +144,7 @@ def parallelize(
     """
     if cfg.strategy == "none" and world.world_size > 1:
         raise ValueError(f"parallel.strategy='none' runs on 1 process only, got world size {world.world_size}; use fsdp or ddp")
-    for wan in (m for m in model.modules() if isinstance(m, WanModel)):
-        wan.set_attention_backend(cfg.attention)
+    apply_attention_backend(model, cfg.attention)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

@@ -5,7 +5,8 @@ given GPU and shape (on Hopper, cuDNN and flash attention trade places). A model
 a backend, used whenever it takes the inputs (else the dispatcher decides), or ask for "auto":
 the fused backends that take the inputs are timed once per (shapes, dtype, device, grad mode)
 and the fastest is kept (math only where no fused one runs). The timing is of the forward, under
-no_grad: timing a backward inside a checkpointed block would save tensors its recompute does not. A choice applies only among the backends enabled at the call, so an enclosing
+no_grad: timing a backward inside a checkpointed block would save tensors its recompute does not.
+A choice applies only among the backends enabled at the call, so an enclosing
 `sdpa_kernel` restriction wins (exact R1 forces the math kernel, the one with a double backward);
 under torch.compile the dispatcher decides. "auto" picks can differ between runs and ranks
 (timing noise): results are then not bit-reproducible, and `auto_choices()` says what was picked.
@@ -115,12 +116,10 @@ def fastest_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeat: i
             seconds = _time_backend(name, q, k, v, repeat)
             if seconds is not None:
                 times[name] = seconds
-        if not times:
-            if "math" not in enabled:
-                raise RuntimeError(f"no enabled SDPA backend runs q {tuple(q.shape)} k {tuple(k.shape)} "
-                                   f"{q.dtype} on {q.device} (enabled: {enabled})")
-            times["math"] = 0.0
-        _FASTEST[key] = min(times, key=times.get)
+        if not times and "math" not in enabled:
+            raise RuntimeError(f"no enabled SDPA backend runs q {tuple(q.shape)} k {tuple(k.shape)} "
+                               f"{q.dtype} on {q.device} (enabled: {enabled})")
+        _FASTEST[key] = min(times, key=times.get) if times else "math"
     return _FASTEST[key]
 
 

@@ -3,8 +3,8 @@
 Same module tree, parameter names, shapes and math as Wan-Video/Wan2.1 `wan/modules/model.py`
 (T2V), so the original `.safetensors` files load untouched. Differences are only in plumbing:
 batched tensors instead of lists, attention through `F.scaled_dot_product_attention` in the input
-dtype (backend choice: `set_attention_backend`), RoPE tables cached per grid shape, optional per-block activation checkpointing, and a
-feature tap (`forward_features`) for the APT discriminator.
+dtype (kernel choice: `set_attention_backend`), RoPE tables cached per grid shape, optional
+per-block activation checkpointing, and a feature tap (`forward_features`) for the APT discriminator.
 """
 
 from __future__ import annotations
@@ -289,7 +289,8 @@ class WanModel(nn.Module):
     # -- helpers ---------------------------------------------------------------------------
     def set_attention_backend(self, name: str) -> None:
         """SDPA kernel for every attention layer: "default" (PyTorch's dispatcher), "auto" (fastest,
-        timed once per shape), or "flash" / "cudnn" / "efficient" / "math" first (apt_core.models.attention)."""
+        timed once per shape), or "flash" / "cudnn" / "efficient" / "math" wherever that kernel takes
+        the inputs (apt_core.models.attention)."""
         check_choice(name)
         for m in self.modules():
             if isinstance(m, WanSelfAttention):
