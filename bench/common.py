@@ -102,6 +102,12 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return (lines[0] if lines else type(err).__name__)[:limit]
 
 
+def error_text(err: BaseException) -> str:
+    """A failed case's row entry: "out of memory: ..." or "error: ..." and the first message line."""
+    kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) else "error"
+    return f"{kind}: {first_line(err)}"
+
+
 def tokens_of(cfg: WanConfig, shape: Sequence[int]) -> int:
     """Transformer tokens of a latent [C, F, H, W] under the config's patch size."""
     _, f, h, w = shape

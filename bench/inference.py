@@ -24,6 +24,7 @@ from apt_core.models.attention import BACKENDS
 from apt_core.models.wan import WanRMSNorm
 from bench.common import (
     default_device,
+    error_text,
     first_line,
     machine_info,
     measured_matmul_tflops,
@@ -167,7 +168,6 @@ def bench_dit(
     rows = []
     peak = peak_tflops() if device.type == "cuda" else None
     for i, (name, (preset, shape)) in enumerate(cases.items()):
-        model = z = cond = step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -209,8 +209,7 @@ def bench_dit(
                 row["forward_s_by_sdpa_backend"] = forward_by_backend(model, z, cond, device)
             rows.append(row)
         except RuntimeError as err:  # out of memory (a RuntimeError too) or a kernel refusing the case
-            kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) else "error"
-            rows.append({"case": name, "preset": preset, "latent_shape": [1, *shape], "error": f"{kind}: {first_line(err)}"})
+            rows.append({"case": name, "preset": preset, "latent_shape": [1, *shape], "error": error_text(err)})
         finally:
             model = z = cond = step = None  # free this case before the next is built
             sync(device)

@@ -66,6 +66,7 @@ def double_backward_support(device: torch.device | str, dtype: torch.dtype = tor
     from torch.nn.attention import sdpa_kernel
 
     from apt_core.models.attention import BACKENDS
+    from bench.common import first_line
 
     out = {}
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -78,7 +79,7 @@ def double_backward_support(device: torch.device | str, dtype: torch.dtype = tor
                 grad_q.float().square().sum().backward()
             out[backend.name] = "ok" if k.grad is not None else "no second-order gradient reached k"
         except RuntimeError as err:
-            out[backend.name] = str(err).splitlines()[0][:200]
+            out[backend.name] = first_line(err, 200)
     return out
 
 
@@ -95,7 +96,7 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
     from apt_core.backbone import WanCond, build_flow_model
     from apt_core.discriminator import APTDiscriminator
     from apt_core.trainer import APTConfig, APTTrainer, make_rmsprop
-    from bench.common import first_line, tokens_of
+    from bench.common import error_text, tokens_of
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -138,8 +139,7 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
                 times.append(time.perf_counter() - start)
                 cpu_times.append(time.process_time() - cpu_start)
     except RuntimeError as err:  # exact R1 at the real shape: record what happens (OOM is a RuntimeError)
-        kind = "out of memory" if isinstance(err, torch.OutOfMemoryError) else "error"
-        return row | {"error": f"{kind}: {first_line(err)}"}
+        return row | {"error": error_text(err)}
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bench.common import default_device, print_table, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one case only (tiny on CPU, 9 frames on CUDA)")
+    parser.add_argument("--quick", action="store_true", help="one case only (tiny on CPU, 1 frame on CUDA)")
     parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if visible)")
     parser.add_argument("--rehearse", action="store_true", help="the CUDA code path at a stand-in size (CPU check)")
     parser.add_argument("--cases", help="comma-separated cases (default: the device's set)")

@@ -84,7 +84,7 @@ def write_synthetic_shards(
 # ----------------------------------------------------------------------------------------------
 
 
-def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, head_layers: list[int]) -> float:
+def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], head_layers: list[int]) -> float:
     """Model FLOPs of one APT iteration per sample (recompute not counted, as MFU is defined).
 
     D step: G forward (no grad) + D forward/backward on [real, fake, real + sigma n] (3x batch);
@@ -92,6 +92,7 @@ def _apt_flops_per_sample(preset: str, latent: tuple[int, ...], text_len: int, h
     except for D in the G step: its parameters are frozen there, so its matmuls skip the weight
     gradient (2 x forward) while its attention scores still cost 3 x. D runs its backbone only up
     to the deepest tap.
+    Text is counted at the config's text_len, the length the model pads every context to.
     """
     from apt_core.models.wan import get_config
 
@@ -159,11 +160,11 @@ def run_worker(
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_steps_bytes": rss_before,
         "params_g": sum(p.numel() for p in stage.generator.parameters()),
+        "head_layers": list(stage.discriminator.head_layers),
+        "mixed_precision": cfg.parallel.mixed_precision,
+        "attention": cfg.parallel.attention,
+        "activation_checkpointing": cfg.parallel.activation_checkpointing,
     }
-    out["head_layers"] = list(stage.discriminator.head_layers)
-    out["mixed_precision"] = cfg.parallel.mixed_precision
-    out["attention"] = cfg.parallel.attention
-    out["activation_checkpointing"] = cfg.parallel.activation_checkpointing
     if cuda:
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,10 +231,10 @@ def measure(
         if returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed (exit {returncode}):\n{stderr}")
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
-    preset, latent, _, micro = CASES[case]
+    preset, latent, text_len, micro = CASES[case]
     step_s = ranks[0]["step_s"]
     row = {
-        "case": case, "preset": preset, "latent_shape_per_rank": [micro, *latent], "text_len": CASES[case][2],
+        "case": case, "preset": preset, "latent_shape_per_rank": [micro, *latent], "text_len": text_len,
         "device": device, "compiled": compile_blocks, "attention": ranks[0]["attention"],
         "mixed_precision": ranks[0]["mixed_precision"],
         "activation_checkpointing": ranks[0]["activation_checkpointing"],
@@ -245,7 +246,7 @@ def measure(
         "metrics_finite": all(r["metrics_finite"] for r in ranks),
         "last_losses_rank0": ranks[0]["last_losses"],
     }
-    flops = _apt_flops_per_sample(preset, latent, CASES[case][2], ranks[0]["head_layers"])
+    flops = _apt_flops_per_sample(preset, latent, ranks[0]["head_layers"])
     row["tflop_per_sample"] = flops / 1e12
     row["tflops_per_device"] = flops * micro / step_s / 1e12
     if "peak_cuda_bytes" in ranks[0]:

@@ -30,6 +30,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, WanAttentionBlock)]
 
 
+def wan_models(model: nn.Module) -> list[WanModel]:
+    """Every Wan model in the module tree (the generator, and D's backbone copy)."""
+    return [m for m in model.modules() if isinstance(m, WanModel)]
+
+
 def param_dtype(cfg: ParallelSection, device: torch.device) -> torch.dtype:
     """Compute dtype: `auto` = bf16 on CUDA, fp32 on CPU."""
     if cfg.mixed_precision == "auto":
@@ -42,7 +47,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 
     Returns the number of Wan models switched; blocks keep their names, so state dicts do not change.
     """
-    wans = [m for m in model.modules() if isinstance(m, WanModel)]
+    wans = wan_models(model)
     for m in wans:
         m.gradient_checkpointing = True
     return len(wans)
@@ -50,7 +55,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 
 def apply_attention_backend(model: nn.Module, name: str) -> int:
     """Set every Wan model's SDPA kernel choice (`parallel.attention`); returns how many were set."""
-    wans = [m for m in model.modules() if isinstance(m, WanModel)]
+    wans = wan_models(model)
     for m in wans:
         m.set_attention_backend(name)
     return len(wans)
