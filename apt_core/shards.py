@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -203,14 +204,15 @@ class ShardWriter:
             tensors[f"{i}.latent"] = s.latent
             tensors[f"{i}.text_emb"] = s.text_emb
             infos.append({"caption": s.caption, "source": s.source, "fps": s.fps,
-                          "frame_indices": s.frame_indices, "text_len": s.text_len, "extra": s.extra})
+                          "frame_indices": s.frame_indices, "text_len": s.text_len, "extra": s.extra,
+                          "crc32": [tensor_crc32(s.latent), tensor_crc32(s.text_emb)]})
         header = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                   "dataset": _json(self.metadata, "metadata"), "samples": _json(infos, "samples"),
                   "writer": _json({"shard_index": self.shard_index, "num_shards": self.num_shards, "seq": seq},
                                   "writer")}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=header)
-        self._shards.append({"file": path.name, "num_samples": len(infos),
+        self._shards.append({"file": path.name, "bytes": path.stat().st_size, "num_samples": len(infos),
                              "latent_shapes": [list(s.latent.shape) for s in self._pending],
                              "sources": [s.source for s in self._pending]})
         self._pending = []
@@ -241,6 +243,16 @@ class ShardWriter:
         else:  # keep what was encoded, but leave the part marked incomplete
             self.flush()
             self.closed = True
+
+
+def tensor_crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (row-major): stored per sample so the reader can tell a damaged file."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"shard file {path} is damaged: {what}; re-write it (or remove it from the index part)")
 
 
 def _shape(x: Any) -> str:
@@ -302,6 +314,10 @@ class ShardReader:
                 path = self.root / shard["file"]
                 if not path.is_file():
                     raise FileNotFoundError(f"{path} is listed in {part_path} but missing")
+                size = path.stat().st_size
+                if "bytes" in shard and size != shard["bytes"]:
+                    raise _damaged(path, f"{size} bytes, {shard['bytes']} when written ({part_path}); "
+                                         f"{'truncated' if size < shard['bytes'] else 'changed'}")
                 self.files.append(path)
                 shapes = [tuple(int(d) for d in s) for s in shard["latent_shapes"]]
                 if len(shapes) != shard["num_samples"]:
@@ -329,11 +345,17 @@ class ShardReader:
             self._open.move_to_end(file_no)
             return self._open[file_no]
         path = self.files[file_no]
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors' own error type: truncated file, garbled header
+            raise _damaged(path, str(e)) from None
         header = handle.metadata() or {}
         if header.get("format") != FORMAT:
             raise ValueError(f"{path}: header format {header.get('format')!r}, expected {FORMAT!r}")
-        entry = (handle, json.loads(header["samples"]))
+        try:
+            entry = (handle, json.loads(header["samples"]))
+        except (KeyError, ValueError) as e:
+            raise _damaged(path, f"header 'samples' unreadable ({e})") from None
         self._open[file_no] = entry
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -359,7 +381,12 @@ class ShardReader:
             raise ValueError(f"{self.files[file_no]}: tensor {j}.latent has shape {tuple(latent.shape)}, "
                              f"index says {self.shapes[i]}")
         d = infos[j]
-        return Sample(latent, handle.get_tensor(f"{j}.text_emb"), int(d["text_len"]), d["caption"], d["source"],
+        text_emb = handle.get_tensor(f"{j}.text_emb")
+        if "crc32" in d:  # written since checksums were added; older shards are read unchecked
+            for name, t, crc in zip(("latent", "text_emb"), (latent, text_emb), d["crc32"]):
+                if tensor_crc32(t) != crc:
+                    raise _damaged(self.files[file_no], f"tensor {j}.{name} (sample {i}) fails its CRC-32 check")
+        return Sample(latent, text_emb, int(d["text_len"]), d["caption"], d["source"],
                       float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})))
 
     def __iter__(self) -> Iterator[Sample]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from training.config import ConfigError, dumps, load_config, split_override_args
@@ -54,12 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from training.distributed import destroy
-    from training.loop import train
+    from training.loop import RunComplete, train
 
     ok = False
     try:
         result = train(cfg, resume=args.resume, export_only=args.export_only)
         ok = True
+    except (ConfigError, RunComplete) as e:  # found before training (same on every rank): no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"apt-train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
     finally:
         destroy(barrier=ok)  # no barrier after an error: the other ranks may never reach it
     if result.get("export"):

@@ -9,6 +9,7 @@ ORIGINAL diffusion weights.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -28,12 +29,15 @@ from apt_core.models.io import config_from_metadata, infer_wan_config, load_stat
 from apt_core.models.wan import WanConfig, get_config
 from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, make_rmsprop
 from training import distributed as D
-from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState, read_info
+from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState, read_info, verify
 from training.config import RunConfig, dumps, save_config
 from training.data import Batch, BucketedLoader, ShardDataset
 from training.export import export_generator
 from training.monitor import CollapseDetector, MetricsLogger, Validator
 from training.parallelize import autocast_dtype, parallelize, reshard
+from training.preflight import preflight
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -338,6 +342,10 @@ class APTStage(Stage):
 STAGES = {"teacher": TeacherStage, "cd": CDStage, "apt": APTStage}
 
 
+class RunComplete(RuntimeError):
+    """run.dir already holds a checkpoint at the run's last step: re-running would train nothing."""
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +392,11 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
 
 
 def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False) -> dict[str, Any]:
-    """Run the configured stage to the end (resuming from the newest complete checkpoint if any)."""
+    """Run the configured stage to the end (resuming from the newest intact checkpoint if any).
+
+    Raises ConfigError (before any model is built) for a path that does not open, and RunComplete
+    when run.dir already holds the final step (unless export_only)."""
+    preflight(cfg)
     world = D.init_distributed(cfg.run.device, cfg.parallel.backend)
     torch.manual_seed(cfg.run.seed + world.rank)
     run_dir = Path(cfg.run.dir)
@@ -392,9 +404,18 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
         save_config(cfg, run_dir / "config.toml")
     ckpt = CheckpointManager(run_dir, world, keep=cfg.checkpoint.keep)
     ckpt.clean_partial()
-    start_path = Path(resume) if isinstance(resume, str) else ckpt.latest()
+    damaged: list[str] = []
+    if isinstance(resume, str):
+        start_path = Path(resume)
+        problems = verify(start_path)
+        if problems:
+            raise ValueError(f"--resume {start_path}: the checkpoint is damaged: {'; '.join(problems)}")
+    else:
+        start_path, damaged = ckpt.resume_point()
+    for message in damaged:
+        log.warning(message)
     if resume is True and start_path is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.dir}")
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.dir}" + (f" ({damaged[-1]})" if damaged else ""))
     config = resolve_wan_config(cfg)
     phases = plan_phases(cfg)
     info = read_info(start_path) if start_path else {"step": 0, "phase": phases[0].name}
@@ -404,11 +425,17 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
         raise ValueError(f"checkpoint {start_path} was taken in phase {info.get('phase')!r}, but run.stage="
                          f"{cfg.run.stage!r} has phases {names}; use another run.dir or the matching config")
     k = names.index(info["phase"])
+    if step >= phases[-1].end and not export_only:
+        steps_key = "run.steps" if cfg.run.stage != "apt" else f"apt.{phases[-1].name}.steps"
+        raise RunComplete(f"{run_dir} is already complete at step {step} ({start_path}); use --run.dir=<new dir> for "
+                          f"a new run, raise {steps_key} to train on, or --export-only to export it again")
     stage: Stage = STAGES[cfg.run.stage](cfg, world, config)
     logger = MetricsLogger(run_dir, world, phases[-1].end, cfg.monitor.log_every, cfg.monitor.progress and not export_only,
                            cfg.monitor.tensorboard, start_step=step)
     detector = CollapseDetector(cfg.monitor.collapse_window, cfg.monitor.d_loss_floor, cfg.monitor.diversity_threshold)
     result: dict[str, Any] = {"world_size": world.world_size, "resumed_from": str(start_path) if start_path else None}
+    for message in damaged:
+        logger.event(step, "warning", message)
     if start_path:
         logger.event(step, "resume", f"resumed from {start_path}", checkpoint=str(start_path), world_size=world.world_size)
     lora = cfg.model.lora_rank

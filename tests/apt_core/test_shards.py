@@ -198,3 +198,65 @@ def test_reader_pickles_without_open_handles(tmp_path: Path) -> None:
     _ = r[0]
     r2 = pickle.loads(pickle.dumps(r))
     assert_same(r2[0], make_sample(0))
+
+
+def _damage_copies(tmp_path: Path) -> tuple[Path, list[Sample]]:
+    samples = [make_sample(i) for i in range(6)]
+    with ShardWriter(tmp_path / "clean", META, samples_per_shard=3) as w:
+        for s in samples:
+            w.add_sample(s)
+    return tmp_path / "clean", samples
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_is_named_when_the_directory_opens(tmp_path: Path) -> None:
+    from training.data import ShardDataset
+
+    clean, samples = _damage_copies(tmp_path)
+    bad = _copy(clean, tmp_path / "truncated")
+    shard = bad / "shard-00000-000001.safetensors"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size - 100])  # a copy that stopped early
+    with pytest.raises(ValueError, match=rf"shard file {shard} is damaged: {size - 100} bytes, {size} when written "
+                                         r"\(.*dataset-00000.json\); truncated"):
+        ShardDataset(bad)
+    # a shard directory written before sizes were recorded: named when the file is first read
+    part = bad / "dataset-00000.json"
+    index = json.loads(part.read_text())
+    for entry in index["shards"]:
+        del entry["bytes"]
+    part.write_text(json.dumps(index))
+    r = ShardReader(bad)
+    assert_same(r[0], samples[0])  # the intact shard still reads
+    with pytest.raises(ValueError, match=rf"shard file {shard} is damaged: .*incomplete metadata"):
+        r[3]
+
+
+def test_byte_flipped_shard_is_named(tmp_path: Path) -> None:
+    clean, samples = _damage_copies(tmp_path)
+    for where in ("data", "header"):
+        bad = _copy(clean, tmp_path / where)
+        shard = bad / "shard-00000-000001.safetensors"
+        raw = bytearray(shard.read_bytes())
+        header_len = int.from_bytes(raw[:8], "little")
+        raw[8 + header_len + 5 if where == "data" else 12] ^= 0x10  # one bit of tensor data / of the JSON header
+        shard.write_bytes(bytes(raw))
+        r = ShardReader(bad)  # same size: opens
+        for i in range(3):
+            assert_same(r[i], samples[i])  # the other shard is fine
+        errors = []
+        for i in range(3, 6):
+            try:
+                assert_same(r[i], samples[i])
+            except ValueError as e:
+                errors.append(str(e))
+        assert len(errors) == (1 if where == "data" else 3), errors
+        assert all(e.startswith(f"shard file {shard} is damaged: ") for e in errors)
+        if where == "data":
+            assert "fails its CRC-32 check" in errors[0]
