@@ -196,3 +196,23 @@ def test_run_files_get_the_umask_mode(monkeypatch, tmp_path):
     assert list((tmp_path / "run/samples").rglob("samples.safetensors"))
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
     assert all(m == "0o644" for m in modes.values()), modes
+
+
+def test_readme_sequence_starts_a_new_run_for_each_command():
+    """README's headless commands run one after another (checked by hand, 2 min here): no command may
+    land on the finished run dir of an earlier one, or it would stop with 'already complete'."""
+    import shlex
+
+    from training.__main__ import parse_args
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Headless training", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    dirs = []
+    for line in block.splitlines():
+        argv = shlex.split(line, comments=True)
+        if not argv or argv[0] not in ("apt-train", "torchrun") or "tiny_cpu.toml" not in line:
+            continue
+        argv = argv[argv.index("--config"):]
+        args, overrides = parse_args(argv)
+        dirs.append(load_config(ROOT / args.config, overrides).run.dir)
+    assert len(dirs) == 2 and len(set(dirs)) == 2, dirs
