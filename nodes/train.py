@@ -24,7 +24,10 @@ CATEGORY = "APT/training"
 DISC_TYPE = "APT_DISCRIMINATOR"
 RUN_DIR = "apt/runs"
 
-_SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of the data order and the training noise."}
+# control_after_generate False: the frontend would otherwise add a 'randomize' control to an INT named
+# seed (its legacy rule), so the seed would change after each queue and resume would refuse the run.
+_SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False,
+         "tooltip": "Seed of the data order and the training noise; fixed for the run (resume needs the same seed)."}
 _PRECISION = (["bf16", "fp32"], {"default": "bf16", "tooltip": "bf16: bf16 frozen weights + bf16 autocast, fp32 trainable tensors (GPU). fp32: everything fp32 (CPU always uses fp32)."})
 _CHECKPOINTING = ("BOOLEAN", {"default": True, "tooltip": "Recompute each transformer block in the backward pass: much less activation memory, ~30% slower."})
 _RESUME = ("BOOLEAN", {"default": True, "tooltip": "Continue from the state saved under output/apt/runs/<run_name> if there is one."})
