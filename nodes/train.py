@@ -145,6 +145,8 @@ class APTConsistencyDistill:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from apt_core.trainer import CDConfig
+
         return {"required": {
             "teacher": ("MODEL", {"tooltip": "The original Wan 2.1 T2V diffusion model (UNETLoader). It is not modified."}),
             "dataset": (DATASET_TYPE, {"tooltip": "Shards from APT Dataset From Folder / APT Load Dataset."}),
@@ -153,7 +155,7 @@ class APTConsistencyDistill:
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per step (one latent shape per batch)."}),
             "grad_accum": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Micro-batches per step: batch_size must be divisible by it; memory scales with batch_size / grad_accum."}),
             "cd_steps": ("INT", {"default": 32, "min": 1, "max": 1000, "tooltip": "Consistency grid size N (AAPT: 32)."}),
-            "grid_shift": ("FLOAT", {"default": 24.0, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip": "Grid shift s of t_n = shift(n/N, s) (AAPT: 24)."}),
+            "grid_shift": ("FLOAT", {"default": CDConfig.shift, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip": "Grid shift s of t_n = shift(n/N, s) (AAPT: 24)."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "Teacher CFG scale (APT: 7.5 with a negative prompt; 1 = off, one teacher pass)."}),
             "lora_rank": ("INT", {"default": 32, "min": 0, "max": 1024, "tooltip": "Train a LoRA of this rank (memory-lean); 0 = fine-tune all weights (needs far more memory)."}),
             "seed": ("INT", _SEED),
