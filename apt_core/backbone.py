@@ -155,11 +155,14 @@ def token_grid(x_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, 
 
 
 def build_flow_model(config: WanConfig | str, device: torch.device | str | None = None, **overrides) -> WanFlowModel:
-    """Build a WanFlowModel from a preset name or config (`device="meta"` for no allocation)."""
+    """Build a WanFlowModel from a preset name or config (`device="meta"` for no allocation).
+
+    With no `device`, the ambient default device is used (an enclosing `with torch.device("meta")`).
+    """
     from apt_core.models.wan import get_config
 
     cfg = get_config(config, **overrides) if isinstance(config, str) else dataclasses.replace(config, **overrides)
-    with torch.device(device or "cpu"):
+    with torch.device(device or torch.get_default_device()):
         return WanFlowModel(cfg)
 
 

@@ -230,7 +230,9 @@ class APTTrainer:
 
         Approximated R1/R2 use ONE D forward over `cat([real, fake, real + sigma n, fake + sigma n'])`
         with the same t and c for each pair; with `mismatch_weight` the same forward also scores `real`
-        under the captions rolled by one within the micro batch (a mismatched pair, counted as fake).
+        under another sample's caption (a mismatched pair, counted as fake): real i gets caption
+        i + 1 mod B of the WHOLE batch, rolled before micro-batching, so a micro batch of one still
+        sees a foreign caption and every grad_accum gives the same pairs.
         A noised-input D (SF-V) scores `x_t = (1 - t) x + t eps` (eps: noise_real / noise_fake) instead of
         x, so R1 / R2 are taken at that input.
         """
@@ -251,6 +253,7 @@ class APTTrainer:
         _check_shapes(x_real, z=z, r1_noise=r1_noise, r2_noise=r2_noise, noise_real=noise_real, noise_fake=noise_fake)
         if t_d.shape != (b,):
             raise ValueError(f"t_d must be [B={b}], got shape {tuple(t_d.shape)}")
+        mis_cond = index_cond(cond, (torch.arange(b, device=dev) + 1) % b) if mismatch else None  # caption i+1
 
         self.opt_d.zero_grad(set_to_none=True)
         mean = _Mean(cfg.grad_accum)
@@ -272,7 +275,7 @@ class APTTrainer:
             conds = repeat_cond(c, k)
             if mismatch:
                 xs.append(xs[0].detach())
-                conds = cat_cond(conds, index_cond(c, (torch.arange(b, device=dev) + 1) % b))  # caption i+1
+                conds = cat_cond(conds, index_cond(mis_cond, sl))
             exact = use_r1 and cfg.r1_mode == "exact"
             with losses.math_attention(dev) if exact else nullcontext(), autocast_context(dev, cfg.autocast_dtype):
                 logits = D(torch.cat(xs), conds, t.repeat(len(xs))).chunk(len(xs))

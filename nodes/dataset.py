@@ -70,6 +70,14 @@ def folder_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def source_fingerprint(folder: str | Path, widgets: dict) -> str:
+    """A dataset build's inputs: the folder's path and files (names, sizes, mtimes) and the widget values."""
+    import json
+
+    plain = {k: v for k, v in widgets.items() if isinstance(v, (str, int, float, bool))}  # links come as None
+    return f"{Path(folder)}|{folder_fingerprint(folder)}|{json.dumps(plain, sort_keys=True)}"
+
+
 def trim_text(emb: torch.Tensor) -> torch.Tensor:
     """[L, D] without trailing all-zero rows (umT5 padding), at least one row."""
     nonzero = (emb != 0).any(dim=-1).nonzero()
@@ -161,11 +169,12 @@ class APTDatasetFromFolder:
         }}
 
     @classmethod
-    def IS_CHANGED(cls, folder, output_dir, **kwargs):
+    def IS_CHANGED(cls, folder, **widgets):
+        """What the shards are built from: the source folder's files and the widget values. Not the shard
+        folder, which every run rewrites: fingerprinting it made every queue rerun the whole graph."""
         from .comfy_env import input_dir
-        from .comfy_env import output_dir as out_root
 
-        return folder_fingerprint(resolve(folder, input_dir(), "folder")) + folder_fingerprint(resolve(output_dir, out_root(), "output_dir"))
+        return source_fingerprint(resolve(folder, input_dir, "folder"), widgets)
 
     def build(self, folder, vae, clip, output_dir, width, height, num_frames, fps, caption_policy, shard_index, num_shards, mode):
         from apt_core.media import DecodeConfig
@@ -175,7 +184,7 @@ class APTDatasetFromFolder:
         from .comfy_env import input_dir, step_reporter
         from .comfy_env import output_dir as out_root
 
-        src = resolve(folder, input_dir(), "folder")
+        src = resolve(folder, input_dir, "folder")
         items, scan = scan_media_folder(src, caption_policy)
         if not items:
             raise ValueError(f"no usable media in {src}.\n{scan.summary()}\nAdd videos/images with captions (manifest.jsonl "
@@ -183,7 +192,7 @@ class APTDatasetFromFolder:
         meta = {"producer": PRODUCER, "latent_space": "wan2.1 model space (latent_format.process_in)",
                 "latent_channels": WAN_LATENT_CHANNELS, "text_dim": WAN_TEXT_DIM, "size": [height, width],
                 "num_frames": num_frames, "fps": fps}
-        dest = resolve(output_dir, out_root(), "output_dir")
+        dest = resolve(output_dir, out_root, "output_dir")
         writer = ShardWriter(dest, meta, shard_index=shard_index, num_shards=num_shards, mode=mode)
         done = set(writer.written_sources)
         todo = [it for it in writer_slice(items, shard_index, num_shards) if str(it.path) not in done]
@@ -199,7 +208,7 @@ class APTDatasetFromFolder:
         return {"ui": {"text": [report]}, "result": (dataset, report)}
 
 
-def resolve(path: str, base: str, what: str) -> Path:
+def resolve(path: str, base: str | Callable[[], str], what: str) -> Path:
     """comfy_env.resolve_path, imported lazily (a widget path under a ComfyUI folder, or absolute)."""
     from .comfy_env import resolve_path
 
@@ -224,12 +233,12 @@ class APTLoadDataset:
     def IS_CHANGED(cls, path):
         from .comfy_env import output_dir
 
-        return folder_fingerprint(resolve(path, output_dir(), "path"))
+        return folder_fingerprint(resolve(path, output_dir, "path"))
 
     def load(self, path):
         from .comfy_env import output_dir
 
-        dataset = open_dataset(resolve(path, output_dir(), "path"))
+        dataset = open_dataset(resolve(path, output_dir, "path"))
         return (dataset, dataset.describe())
 
 

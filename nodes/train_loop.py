@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from apt_core.trainer import CDConfig
+
 STATE_FILE = "state.json"
 STEP_KEY = "apt.step"  # the step a run-state file was saved at (safetensors metadata, optim.pt entry)
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class CDSettings:
     batch_size: int = 1
     grad_accum: int = 1
     grid_steps: int = 32
-    grid_shift: float = 24.0
+    grid_shift: float = CDConfig.shift  # the one default (apt_core.trainer.CDConfig)
     cfg_scale: float = 1.0
     lora_rank: int = 32  # 0 = full fine-tune of the student
     seed: int = 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from apt_core.models.attention import CHOICES as ATTENTION_CHOICES
+from apt_core.trainer import CDConfig
 
 try:
     import tomllib
@@ -101,7 +102,7 @@ class CDSection:
     lr: float = opt(1e-5, "student learning rate (AAPT: AdamW 1e-5, wd 0.01)")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     grid_steps: int = opt(32, "consistency grid size N")
-    grid_shift: float = opt(1.0, "grid shift s (AAPT: uniform, then 24)")
+    grid_shift: float = opt(CDConfig.shift, "grid shift s of t_n = shift(n / N, s) (AAPT: 24; 1 = uniform grid)")
     cfg_scale: float = opt(1.0, "teacher CFG scale (APT: 7.5 with a negative prompt; 1 = off)")
     negative_embedding: str = opt("", "safetensors with `context` [L, D]: the negative-prompt embedding for CFG; '' = zeros")
     teacher_from: str = opt("", "teacher weights (safetensors); '' = model.init_from")

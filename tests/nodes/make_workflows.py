@@ -12,6 +12,7 @@ checks that the committed files are exactly what this script writes, and validat
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,11 @@ def _depths(nodes: list[N]) -> dict[int, int]:
     return depth
 
 
+def workflow_id(name: str) -> str:
+    """The workflow's graph id: a UUID (the frontend's schema requires one), the same on every generation."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/comfyui-apt/ComfyUI-APT/workflows/{name}.json"))
+
+
 def build_ui(name: str, nodes: list[N], infos: dict[str, dict]) -> dict:
     """UI-format (v0.4) workflow of a node list."""
     depth = _depths(nodes)
@@ -221,9 +227,9 @@ def build_ui(name: str, nodes: list[N], infos: dict[str, dict]) -> dict:
             props["models"] = [MODELS[m] for m in n.models]
         node["properties"] = props
         values = []
-        for wname, _tp, opts in widget_slots(info):
+        for wname, tp, opts in widget_slots(info):
             if wname is None:
-                values.append(n.control)
+                values.append("" if tp == "FILTER" else n.control)
             else:
                 values.append(n.widgets[wname] if wname in n.widgets else opts.get("default"))
         unknown = set(n.widgets) - {s for s, *_ in widget_slots(info)}
@@ -231,7 +237,7 @@ def build_ui(name: str, nodes: list[N], infos: dict[str, dict]) -> dict:
             raise ValueError(f"{name}: node {n.id} ({n.type}) has no widgets {sorted(unknown)}")
         node["widgets_values"] = values
         ui_nodes.append(node)
-    return {"id": f"comfyui-apt-{name}", "revision": 0, "last_node_id": max(n.id for n in nodes), "last_link_id": len(links),
+    return {"id": workflow_id(name), "revision": 0, "last_node_id": max(n.id for n in nodes), "last_link_id": len(links),
             "nodes": ui_nodes, "links": links, "groups": [], "config": {},
             "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}, "frontendVersion": "1.27.10"}, "version": 0.4}
 

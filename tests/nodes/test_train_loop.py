@@ -176,3 +176,15 @@ def test_nothing_to_train_is_an_error(shards):
     frozen = build_flow_model("tiny").requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         APTRun(frozen, discriminator("frozen"), make_loader(shards, 1, 0), APTSettings(), CPU)
+
+
+def test_cd_grid_shift_has_one_default():
+    """CDConfig states the CD grid shift (AAPT: 24); the node, its settings and the headless config read it."""
+    from apt_core.trainer import CDConfig
+    from nodes.train import APTConsistencyDistill
+    from training.config import RunConfig
+
+    widget = APTConsistencyDistill.INPUT_TYPES()["required"]["grid_shift"][1]["default"]
+    assert CDConfig().shift == 24.0
+    assert (widget, CDSettings().grid_shift, RunConfig().cd.grid_shift) == (24.0, 24.0, 24.0)
+

@@ -5,7 +5,16 @@ import json
 
 import pytest
 
-from tests.nodes.comfy_schema import ROOT, all_object_info, check_ui, ui_to_api
+from tests.nodes.comfy_schema import (
+    ROOT,
+    UUID_RE,
+    all_object_info,
+    check_frontend_schema,
+    check_ui,
+    our_object_info,
+    ui_to_api,
+    widget_slots,
+)
 from tests.nodes.make_workflows import generated, workflows
 
 UI_DIR = ROOT / "workflows"
@@ -39,6 +48,51 @@ def test_only_ui_files_are_templates():
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_validates(name, infos):
     assert check_ui(_ui(name), infos) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_passes_frontend_schema(name):
+    """The frontend's zod check (else the toast 'Invalid workflow against zod schema: Invalid uuid at "id"')."""
+    assert check_frontend_schema(_ui(name)) == []
+
+
+def test_workflow_ids_are_distinct_uuids():
+    ids = [_ui(n)["id"] for n in NAMES]
+    assert all(UUID_RE.match(i) for i in ids) and len(set(ids)) == len(ids)
+
+
+def _info(**inputs):
+    return {"input": {"required": inputs}, "input_order": {"required": list(inputs)}}
+
+
+def test_control_widgets_follow_the_frontend_rule():
+    """useIntWidget: control widget if control_after_generate, else if the INT is named seed/noise_seed;
+    a COMBO with control_after_generate gets the control and a filter-list widget."""
+    def layout(**inputs):
+        return [(name, tp) for name, tp, _ in widget_slots(_info(**inputs))]
+
+    assert layout(seed=["INT", {}]) == [("seed", "INT"), (None, "CONTROL")]
+    assert layout(noise_seed=["INT", {"default": 0}]) == [("noise_seed", "INT"), (None, "CONTROL")]
+    assert layout(seed=["INT", {"control_after_generate": False}]) == [("seed", "INT")]
+    assert layout(steps=["INT", {"control_after_generate": True}]) == [("steps", "INT"), (None, "CONTROL")]
+    assert layout(seed=["FLOAT", {}], val_seed=["INT", {}]) == [("seed", "FLOAT"), ("val_seed", "INT")]
+    assert layout(pick=[["a", "b"], {"control_after_generate": True}]) == [("pick", ["a", "b"]), (None, "CONTROL"), (None, "FILTER")]
+
+
+def test_training_seeds_are_fixed():
+    """A seed that a resumed run must keep declares control_after_generate False: no control widget,
+    so the UI never changes it (the frontend's legacy default would add one set to 'randomize')."""
+    infos = our_object_info()
+    for node in ("APTConsistencyDistill", "APTTrain"):
+        spec = infos[node]["input"]["required"]["seed"]
+        assert spec[1]["control_after_generate"] is False, node
+        assert None not in [name for name, *_ in widget_slots(infos[node])], node
+    # every INT named like a seed states what it wants instead of relying on the legacy name rule
+    for node, info in infos.items():
+        for section in info["input"].values():
+            for name, spec in section.items():
+                if name in ("seed", "noise_seed") and spec[0] == "INT":
+                    assert "control_after_generate" in spec[1], f"{node}.{name}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -85,4 +139,31 @@ def _node(ui, tp):
 ])
 def test_validator_catches(mutation, expect, infos):
     errs = check_ui(_mutated(mutation), infos)
+    assert any(expect in e for e in errs), errs
+
+
+def test_validator_catches_a_missing_seed_control(infos):
+    """A node whose INT 'seed' has no control_after_generate declared gets a control widget in the
+    frontend: widget values written without it slide by one (issue 15, defect 1)."""
+    infos = copy.deepcopy(infos)
+    del infos["APTOneStepSampler"]["input"]["required"]["seed"][1]["control_after_generate"]
+    assert check_ui(_ui("apt_t2v_one_step"), infos) == []  # the legacy name rule adds the control all the same
+    infos["APTOneStepSampler"]["input"]["required"]["seed"][1]["control_after_generate"] = False
+    errs = check_ui(_ui("apt_t2v_one_step"), infos)
+    assert any("4 widget values for 3 widgets" in e for e in errs) and any("steps='fixed'" in e for e in errs), errs
+
+
+@pytest.mark.parametrize("mutation, expect", [
+    (lambda ui: ui.__setitem__("id", "comfyui-apt-apt_t2v_one_step"), "workflow.id"),
+    (lambda ui: ui.__setitem__("version", "0.4"), "version"),
+    (lambda ui: ui["links"][0].pop(), "links[0]"),
+    (lambda ui: ui["nodes"][0].pop("flags"), "flags: missing"),
+    (lambda ui: ui["nodes"][0].__setitem__("pos", [0]), ".pos"),
+    (lambda ui: ui["nodes"][0]["inputs"].append({"name": "x", "type": "INT", "link": "1"}), ".link"),
+    (lambda ui: _node(ui, "VAELoader")["properties"]["models"][0].__setitem__("url", "wan_2.1_vae.safetensors"), ".url"),
+    (lambda ui: ui.__setitem__("groups", [{"title": "g", "bounding": [0, 0, 10]}]), "groups[0].bounding"),
+    (lambda ui: ui["extra"]["ds"].pop("offset"), "extra.ds.offset"),
+])
+def test_frontend_schema_check_catches(mutation, expect):
+    errs = check_frontend_schema(_mutated(mutation))
     assert any(expect in e for e in errs), errs
