@@ -275,7 +275,9 @@ def _data_type(v: Any) -> bool:  # zDataType: string | string[] | number
     return isinstance(v, str) or _num(v) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
 
 
-def _vector2(v: Any) -> bool:
+def _vector2(v: Any) -> bool:  # zVector2: [x, y] or {"0": x, "1": y, ...}
+    if isinstance(v, dict):
+        return _num(v.get("0")) and _num(v.get("1"))
     return isinstance(v, list) and len(v) == 2 and all(_num(x) for x in v)
 
 
