@@ -94,9 +94,9 @@ BLUE, GREEN, PURPLE, YELLOW = "#3f789e", "#8A8", "#a1309b", "#b58b2a"  # the fro
 
 
 def generation(sample: list[int], output: list[int], note: int) -> list[G]:
-    """Groups of the generation workflows: models | prompt and size | sample | decode and save."""
-    return [G("Models", [[1, 2, 3]], None, BLUE), G("Prompt and size", [[4, 5]], None, GREEN),
-            G("Sample", [sample], note, PURPLE), G("Decode and save", [output], None, YELLOW)]
+    """Groups of the generation workflows: models (with the note on the generator file) | prompt and size | sample | decode and save."""
+    return [G("Models", [[1, 2, 3]], note, BLUE), G("Prompt and size", [[4, 5]], None, GREEN),
+            G("Sample", [sample], None, PURPLE), G("Decode and save", [output], None, YELLOW)]
 
 
 def workflows() -> dict[str, W]:
@@ -274,10 +274,12 @@ def workflow_id(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/comfyui-apt/ComfyUI-APT/workflows/{name}.json"))
 
 
-# Layout (graph units): nodes in columns inside their group, groups left to right, each note under its group
+# Layout (graph units): nodes in columns inside their group, groups left to right, each note above its group;
+# nodes that show a preview after a run (it can make them taller) come last in their column
 PAD, HEADER, GAP, GROUP_GAP, NOTE_GAP = 20, 50, 30, 80, 40
 MIN_WIDTH = 320  # wide enough to read a model file name in a combo
-MIN_SIZE = {"CLIPTextEncode": (400, 200), "PreviewImage": (360, 300), "PreviewAny": (360, 160)}  # room for text / images
+MIN_SIZE = {"CLIPTextEncode": (400, 200), "PreviewImage": (360, 300), "PreviewAny": (360, 160), "SaveImage": (360, 320),
+            "SaveVideo": (360, 320)}  # room for the text / the image or video shown after a run
 
 
 def note_height(text: str, width: float) -> float:
@@ -314,8 +316,9 @@ def layout(w: W, infos: dict[str, dict]) -> tuple[dict[int, tuple[list[float], l
         gw, gh = max(cx - GAP + PAD - x, text_width(g.title) * 24 / 14 + 2 * PAD), bottom + PAD  # the title (24px) fits
         groups.append({"id": len(groups) + 1, "title": g.title, "bounding": [x, 0, gw, gh], "color": g.color, "font_size": 24,
                        "flags": {}})
-        if g.note is not None:
-            placed[g.note] = ([x, gh + NOTE_GAP + TITLE_HEIGHT], [gw, note_height(by_id[g.note].widgets["text"], gw)])
+        if g.note is not None:  # above the group: nodes that grow after a run (image/video previews) grow downwards
+            nh = note_height(by_id[g.note].widgets["text"], gw)
+            placed[g.note] = ([x, -NOTE_GAP - nh], [gw, nh])
         x += gw + GROUP_GAP
     missing = sorted(set(by_id) - set(placed))
     if missing:
