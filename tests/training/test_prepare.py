@@ -353,7 +353,7 @@ def test_sigterm_keeps_encoded_samples_and_rerun_finishes(media, tmp_path):
     assert proc.returncode == 1, err[-2000:]
     assert "Run the same command again" in err
     part = json.loads((out / "dataset-00000.json").read_text())
-    assert part["complete"] is False and 2 <= part["num_samples"] < 10
+    assert part["complete"] is False and 1 <= part["num_samples"] < 10  # the signal may fall between a shard and its index update
     assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
     reader = ShardReader(out, require_complete=True)
     assert sorted(Path(reader[i].source).name for i in range(len(reader))) == [f"c{i:02d}.mp4" for i in range(10)]
