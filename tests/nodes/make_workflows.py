@@ -295,9 +295,9 @@ def layout(w: W, infos: dict[str, dict]) -> tuple[dict[int, tuple[list[float], l
     by_id = {n.id: n for n in w.nodes}
     placed: dict[int, tuple[list[float], list[float]]] = {}
     groups = []
-    x = 0.0
+    x = 0
     for g in w.groups:
-        cx, bottom = x + PAD, 0.0
+        cx, bottom = x + PAD, 0
         for col in g.columns:
             sizes = {}
             for i in col:
@@ -313,11 +313,12 @@ def layout(w: W, infos: dict[str, dict]) -> tuple[dict[int, tuple[list[float], l
                 y += sizes[i][1] + GAP + TITLE_HEIGHT
             bottom = max(bottom, y - GAP - TITLE_HEIGHT)
             cx += width + GAP
-        gw, gh = max(cx - GAP + PAD - x, text_width(g.title) * 24 / 14 + 2 * PAD), bottom + PAD  # the title (24px) fits
+        gw = max(cx - GAP + PAD - x, math.ceil(text_width(g.title) * 24 / 14 / 10) * 10 + 2 * PAD)  # the title (24px) fits
+        gh = bottom + PAD
         groups.append({"id": len(groups) + 1, "title": g.title, "bounding": [x, 0, gw, gh], "color": g.color, "font_size": 24,
                        "flags": {}})
         if g.note is not None:  # above the group: nodes that grow after a run (image/video previews) grow downwards
-            nh = note_height(by_id[g.note].widgets["text"], gw)
+            nh = math.ceil(note_height(by_id[g.note].widgets["text"], gw) / 10) * 10
             placed[g.note] = ([x, -NOTE_GAP - nh], [gw, nh])
         x += gw + GROUP_GAP
     missing = sorted(set(by_id) - set(placed))
