@@ -133,6 +133,10 @@ class WanFlowModel(WanModel):
         """Width of the tapped hidden states."""
         return self.config.dim
 
+    def token_grid(self, x_shape: Sequence[int]) -> tuple[int, int, int]:
+        """(F, H, W) of the token grid for an input of shape [B, C, F, H, W] (its sizes over the patch size)."""
+        return token_grid(x_shape, self.config.patch_size)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:  # type: ignore[override]
         """Velocity at flow time t [B] in [0, 1]."""
         return super().forward(x_t, t * self.timestep_scale, _context(cond))
@@ -142,12 +146,23 @@ class WanFlowModel(WanModel):
         return self.forward_features(x, t * self.timestep_scale, _context(cond), layers)
 
 
+def token_grid(x_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """(F, H, W) after patching [B, C, F, H, W] with `patch_size` (tokens are F-major, then H, then W)."""
+    if len(x_shape) != 5:
+        raise ValueError(f"x must be [B, C, F, H, W] (rank 5), got shape {tuple(x_shape)}")
+    f, h, w = (int(n) // int(p) for n, p in zip(x_shape[2:], patch_size))
+    return f, h, w
+
+
 def build_flow_model(config: WanConfig | str, device: torch.device | str | None = None, **overrides) -> WanFlowModel:
-    """Build a WanFlowModel from a preset name or config (`device="meta"` for no allocation)."""
+    """Build a WanFlowModel from a preset name or config (`device="meta"` for no allocation).
+
+    With no `device`, the ambient default device is used (an enclosing `with torch.device("meta")`).
+    """
     from apt_core.models.wan import get_config
 
     cfg = get_config(config, **overrides) if isinstance(config, str) else dataclasses.replace(config, **overrides)
-    with torch.device(device or "cpu"):
+    with torch.device(device or torch.get_default_device()):
         return WanFlowModel(cfg)
 
 

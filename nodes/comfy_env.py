@@ -13,14 +13,18 @@ from pathlib import Path
 import torch
 
 
-def resolve_path(path: str, base: str, what: str) -> Path:
-    """`path` if absolute, else `base/path`; '..' may not leave `base`. Names the input on error."""
+def resolve_path(path: str, base: str | os.PathLike | Callable[[], str], what: str) -> Path:
+    """`path` if absolute, else `base/path`; '..' may not leave `base`. Names the input on error.
+
+    `base` may be a function returning the folder (e.g. `output_dir`): it is called only for a relative path.
+    """
     if not path or not path.strip():
-        raise ValueError(f"{what} is empty; give a folder name (relative to {base}) or an absolute path")
+        where = "its folder" if callable(base) else base
+        raise ValueError(f"{what} is empty; give a folder name (relative to {where}) or an absolute path")
     p = Path(os.path.expanduser(path.strip()))
     if p.is_absolute():
         return p
-    root = Path(base).resolve()
+    root = Path(base() if callable(base) else base).resolve()
     out = (root / p).resolve()
     if root != out and root not in out.parents:
         raise ValueError(f"{what} {path!r} leaves {root}; use a path inside it or an absolute path")

@@ -70,11 +70,19 @@ def folder_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def source_fingerprint(folder: str | Path, widgets: dict) -> str:
+    """A dataset build's inputs: the folder's path and files (names, sizes, mtimes) and the widget values."""
+    import json
+
+    plain = {k: v for k, v in widgets.items() if isinstance(v, (str, int, float, bool))}  # links come as None
+    return f"{Path(folder)}|{folder_fingerprint(folder)}|{json.dumps(plain, sort_keys=True)}"
+
+
 def trim_text(emb: torch.Tensor) -> torch.Tensor:
-    """[L, D] without trailing all-zero rows (umT5 padding), at least one row."""
-    nonzero = (emb != 0).any(dim=-1).nonzero()
-    n = int(nonzero[-1]) + 1 if len(nonzero) else 1
-    return emb[:n]
+    """[L, D] without trailing all-zero rows (umT5 padding), at least one row (apt_core.prepare.trim_text)."""
+    from apt_core.prepare import trim_text as _trim
+
+    return _trim(emb)
 
 
 def encode_folder(
@@ -85,27 +93,11 @@ def encode_folder(
     encode_text: Callable[[str], torch.Tensor],
     on_item: Callable[[int], None] | None = None,
 ) -> tuple[int, DecodeReport]:
-    """Decode, encode and write each item (apt_core.media_scan.MediaItem); bad files go into the report.
+    """Decode, encode and write each item; bad files go into the report (apt_core.prepare.encode_folder,
+    shared with the headless `apt-prepare`). Returns (samples written, DecodeReport)."""
+    from apt_core.prepare import encode_folder as _encode_folder
 
-    encode_frames: uint8 [F, H, W, 3] -> latent [C, F', h, w]; encode_text: caption -> [L, D].
-    Returns (samples written, DecodeReport). Encoder failures are not skipped: they raise.
-    """
-    from apt_core.media_scan import DecodeReport, iter_decoded
-
-    report = DecodeReport(title="decode")
-    cache: dict[str, torch.Tensor] = {}
-    written = 0
-    for i, item in enumerate(items):
-        for clip in iter_decoded([item], decode_config, report):
-            if item.caption not in cache:
-                cache[item.caption] = trim_text(encode_text(item.caption))
-            latent = encode_frames(clip.frames)
-            writer.add(latent, cache[item.caption], item.caption, source=str(item.path), fps=clip.info.fps,
-                       frame_indices=clip.info.frame_indices)
-            written += 1
-        if on_item is not None:
-            on_item(i + 1)
-    return written, report
+    return _encode_folder(items, writer, decode_config, encode_frames, encode_text, on_item)
 
 
 def comfy_encoders(vae: Any, clip: Any) -> tuple[Callable, Callable]:
@@ -161,11 +153,12 @@ class APTDatasetFromFolder:
         }}
 
     @classmethod
-    def IS_CHANGED(cls, folder, output_dir, **kwargs):
+    def IS_CHANGED(cls, folder, **widgets):
+        """What the shards are built from: the source folder's files and the widget values. Not the shard
+        folder, which every run rewrites: fingerprinting it made every queue rerun the whole graph."""
         from .comfy_env import input_dir
-        from .comfy_env import output_dir as out_root
 
-        return folder_fingerprint(resolve(folder, input_dir(), "folder")) + folder_fingerprint(resolve(output_dir, out_root(), "output_dir"))
+        return source_fingerprint(resolve(folder, input_dir, "folder"), widgets)
 
     def build(self, folder, vae, clip, output_dir, width, height, num_frames, fps, caption_policy, shard_index, num_shards, mode):
         from apt_core.media import DecodeConfig
@@ -175,7 +168,7 @@ class APTDatasetFromFolder:
         from .comfy_env import input_dir, step_reporter
         from .comfy_env import output_dir as out_root
 
-        src = resolve(folder, input_dir(), "folder")
+        src = resolve(folder, input_dir, "folder")
         items, scan = scan_media_folder(src, caption_policy)
         if not items:
             raise ValueError(f"no usable media in {src}.\n{scan.summary()}\nAdd videos/images with captions (manifest.jsonl "
@@ -183,7 +176,7 @@ class APTDatasetFromFolder:
         meta = {"producer": PRODUCER, "latent_space": "wan2.1 model space (latent_format.process_in)",
                 "latent_channels": WAN_LATENT_CHANNELS, "text_dim": WAN_TEXT_DIM, "size": [height, width],
                 "num_frames": num_frames, "fps": fps}
-        dest = resolve(output_dir, out_root(), "output_dir")
+        dest = resolve(output_dir, out_root, "output_dir")
         writer = ShardWriter(dest, meta, shard_index=shard_index, num_shards=num_shards, mode=mode)
         done = set(writer.written_sources)
         todo = [it for it in writer_slice(items, shard_index, num_shards) if str(it.path) not in done]
@@ -199,7 +192,7 @@ class APTDatasetFromFolder:
         return {"ui": {"text": [report]}, "result": (dataset, report)}
 
 
-def resolve(path: str, base: str, what: str) -> Path:
+def resolve(path: str, base: str | Callable[[], str], what: str) -> Path:
     """comfy_env.resolve_path, imported lazily (a widget path under a ComfyUI folder, or absolute)."""
     from .comfy_env import resolve_path
 
@@ -224,12 +217,12 @@ class APTLoadDataset:
     def IS_CHANGED(cls, path):
         from .comfy_env import output_dir
 
-        return folder_fingerprint(resolve(path, output_dir(), "path"))
+        return folder_fingerprint(resolve(path, output_dir, "path"))
 
     def load(self, path):
         from .comfy_env import output_dir
 
-        dataset = open_dataset(resolve(path, output_dir(), "path"))
+        dataset = open_dataset(resolve(path, output_dir, "path"))
         return (dataset, dataset.describe())
 
 

@@ -3,7 +3,7 @@
 Every node leaves its input MODEL untouched (also when stopped): trainable weights live in
 independent copies (`comfy_backbone.trainable_wan`) and results come back as patched clones.
 Memory-lean defaults: LoRA generator, frozen/LoRA discriminator backbone, per-block activation
-checkpointing, bf16 autocast. Runs save their state under output/apt/runs/<run_name>/ and resume.
+checkpointing, bf16 autocast. Runs save their state under output/apt/runs/<run_name>/ (or an absolute run_name) and resume.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ CATEGORY = "APT/training"
 DISC_TYPE = "APT_DISCRIMINATOR"
 RUN_DIR = "apt/runs"
 
-_SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed of the data order and the training noise."}
+# control_after_generate False: the frontend would otherwise add a 'randomize' control to an INT named
+# seed (its legacy rule), so the seed would change after each queue and resume would refuse the run.
+_SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False,
+         "tooltip": "Seed of the data order and the training noise; fixed for the run (resume needs the same seed)."}
 _PRECISION = (["bf16", "fp32"], {"default": "bf16", "tooltip": "bf16: bf16 frozen weights + bf16 autocast, fp32 trainable tensors (GPU). fp32: everything fp32 (CPU always uses fp32)."})
 _CHECKPOINTING = ("BOOLEAN", {"default": True, "tooltip": "Recompute each transformer block in the backward pass: much less activation memory, ~30% slower."})
-_RESUME = ("BOOLEAN", {"default": True, "tooltip": "Continue from the state saved under output/apt/runs/<run_name> if there is one."})
+_RESUME = ("BOOLEAN", {"default": True, "tooltip": "Continue from the state saved in the run_name folder if there is one."})
 
 
 def parse_layers(text: str, num_layers: int) -> list[int] | None:
@@ -66,12 +69,23 @@ class DiscriminatorSpec:
                              "Build APT Discriminator from the base Wan model the generator was distilled from.")
 
     def build(self, device: torch.device, dtype: torch.dtype, timestep_shift: float, checkpointing: bool) -> nn.Module:
-        """The APTDiscriminator over an independent copy of the MODEL's weights (heads and LoRA in fp32)."""
+        """The APTDiscriminator over an independent copy of the MODEL's weights (heads and LoRA in fp32);
+        mode "sfv": the SF-V discriminator over its first half, frozen in `dtype` (heads in fp32)."""
         import torch
 
         from apt_core.discriminator import APTDiscriminator
 
         from .comfy_backbone import trainable_wan
+
+        if self.mode == "sfv":
+            from apt_core.sfv import SFVDiscriminator
+
+            backbone = trainable_wan(self.model, device, dtype)
+            backbone.gradient_checkpointing = checkpointing
+            d = SFVDiscriminator(backbone, head_layers=self.head_layers, copy_backbone=False)
+            for m in (d.spatial, d.temporal):
+                m.to(device=device, dtype=torch.float32)
+            return d
 
         backbone = trainable_wan(self.model, device, torch.float32 if self.mode == "full" else dtype)
         backbone.gradient_checkpointing = checkpointing
@@ -127,11 +141,12 @@ def validation_inputs(
     return to_cond(ctx.float(), device), (n, *shape[1:])
 
 
-def run_dir(run_name: str) -> Path:
-    """output/apt/runs/<run_name>, checked to stay inside ComfyUI's output folder."""
+def run_dir(run_name: str, runs_root: str | None = None) -> Path:
+    """The run's state folder: `run_name` itself if absolute, else <runs_root>/<run_name>, checked to stay
+    inside runs_root (default: ComfyUI's output/apt/runs)."""
     from .comfy_env import output_dir, resolve_path
 
-    return resolve_path(f"{RUN_DIR}/{run_name}", output_dir(), "run_name")
+    return resolve_path(run_name, runs_root if runs_root is not None else lambda: f"{output_dir()}/{RUN_DIR}", "run_name")
 
 
 class APTConsistencyDistill:
@@ -145,6 +160,8 @@ class APTConsistencyDistill:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from apt_core.trainer import CDConfig
+
         return {"required": {
             "teacher": ("MODEL", {"tooltip": "The original Wan 2.1 T2V diffusion model (UNETLoader). It is not modified."}),
             "dataset": (DATASET_TYPE, {"tooltip": "Shards from APT Dataset From Folder / APT Load Dataset."}),
@@ -153,13 +170,13 @@ class APTConsistencyDistill:
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Samples per step (one latent shape per batch)."}),
             "grad_accum": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Micro-batches per step: batch_size must be divisible by it; memory scales with batch_size / grad_accum."}),
             "cd_steps": ("INT", {"default": 32, "min": 1, "max": 1000, "tooltip": "Consistency grid size N (AAPT: 32)."}),
-            "grid_shift": ("FLOAT", {"default": 24.0, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip": "Grid shift s of t_n = shift(n/N, s) (AAPT: 24)."}),
+            "grid_shift": ("FLOAT", {"default": CDConfig.shift, "min": 0.1, "max": 100.0, "step": 0.1, "tooltip": "Grid shift s of t_n = shift(n/N, s) (AAPT: 24)."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "Teacher CFG scale (APT: 7.5 with a negative prompt; 1 = off, one teacher pass)."}),
             "lora_rank": ("INT", {"default": 32, "min": 0, "max": 1024, "tooltip": "Train a LoRA of this rank (memory-lean); 0 = fine-tune all weights (needs far more memory)."}),
             "seed": ("INT", _SEED),
             "precision": _PRECISION,
             "gradient_checkpointing": _CHECKPOINTING,
-            "run_name": ("STRING", {"default": "cd", "tooltip": "State folder under output/apt/runs/ (resume, checkpoints)."}),
+            "run_name": ("STRING", {"default": "cd", "tooltip": "State folder (resume, checkpoints): a name under output/apt/runs/, or an absolute path."}),
             "resume": _RESUME,
         }, "optional": {
             "negative": ("CONDITIONING", {"tooltip": "Negative prompt for the teacher's CFG (needed when cfg > 1)."}),
@@ -196,7 +213,8 @@ class APTConsistencyDistill:
 
 class APTDiscriminatorNode:
     DESCRIPTION = ("The APT discriminator: a copy of the ORIGINAL diffusion model with cross-attention heads on the hidden states of "
-                   "a few blocks. Built when APT Train runs.")
+                   "a few blocks; or (mode sfv) SF-V's: the model's first half, frozen, with spatial and temporal heads on noised "
+                   "inputs. Built when APT Train runs.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (DISC_TYPE,)
     RETURN_NAMES = ("discriminator",)
@@ -207,8 +225,8 @@ class APTDiscriminatorNode:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The ORIGINAL Wan 2.1 diffusion model (not the distilled one), as in the paper."}),
-            "mode": (["lora", "frozen", "full"], {"default": "lora", "tooltip": "Backbone training: lora = LoRA adapters (memory-lean), frozen = heads only (leanest), full = all weights (paper; needs a large GPU)."}),
-            "head_layers": ("STRING", {"default": "auto", "tooltip": "0-based blocks the heads tap: 'auto' = the paper's 16/26/36 of 36 scaled to the depth, or e.g. '12,21,29'."}),
+            "mode": (["lora", "frozen", "full", "sfv"], {"default": "lora", "tooltip": "Backbone training: lora = LoRA adapters (memory-lean), frozen = heads only (leanest), full = all weights (paper; needs a large GPU). sfv = the SF-V discriminator: only the model's first half, frozen, with spatial + temporal heads on noised inputs (log-normal noise level, mean -1, std 1), trained with the hinge loss; no backbone gradients or optimiser state, and half the blocks."}),
+            "head_layers": ("STRING", {"default": "auto", "tooltip": "0-based blocks the heads tap: 'auto' = the paper's 16/26/36 of 36 scaled to the depth, or e.g. '12,21,29'. Mode sfv: blocks of the first half; 'auto' = 4 evenly spaced ones."}),
             "lora_rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "Rank of the backbone LoRA (mode lora only)."}),
         }}
 
@@ -248,7 +266,7 @@ class APTTrain:
             "seed": ("INT", _SEED),
             "precision": _PRECISION,
             "gradient_checkpointing": _CHECKPOINTING,
-            "run_name": ("STRING", {"default": "apt", "tooltip": "State folder under output/apt/runs/ (resume, validation samples)."}),
+            "run_name": ("STRING", {"default": "apt", "tooltip": "State folder (resume, validation samples): a name under output/apt/runs/, or an absolute path."}),
             "resume": _RESUME,
         }, "optional": {
             "val_conditioning": ("CONDITIONING", {"tooltip": "Validation prompt(s); default: the first two dataset captions."}),

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from apt_core.trainer import CDConfig
+
 STATE_FILE = "state.json"
 STEP_KEY = "apt.step"  # the step a run-state file was saved at (safetensors metadata, optim.pt entry)
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class CDSettings:
     batch_size: int = 1
     grad_accum: int = 1
     grid_steps: int = 32
-    grid_shift: float = 24.0
+    grid_shift: float = CDConfig.shift  # the one default (apt_core.trainer.CDConfig)
     cfg_scale: float = 1.0
     lora_rank: int = 32  # 0 = full fine-tune of the student
     seed: int = 0
@@ -264,8 +266,9 @@ class APTRun(_Run):
             raise ValueError(f"nothing to train: generator has {len(g_params)}, discriminator {len(d_params)} trainable tensors")
         self.opt_g, self.opt_d = make_rmsprop(g_params, s.lr), make_rmsprop(d_params, s.lr_d or s.lr)
         self.ema = EMA(generator, s.ema_decay)
-        cfg = APTConfig(r1_lambda=s.r1_lambda, r1_sigma=s.r1_sigma, d_timestep_shift=s.d_timestep_shift,
-                        grad_accum=s.grad_accum, autocast_dtype=s.autocast)
+        sfv = getattr(discriminator, "noised_inputs", False)  # SF-V's D: its hinge loss (R1 stays approximated: memory)
+        cfg = APTConfig(loss="hinge" if sfv else "nonsaturating", r1_lambda=s.r1_lambda, r1_sigma=s.r1_sigma,
+                        d_timestep_shift=s.d_timestep_shift, grad_accum=s.grad_accum, autocast_dtype=s.autocast)
         self.trainer = APTTrainer(generator, discriminator, self.opt_g, self.opt_d, cfg, self.ema)
         self.val_cond, self.val_shape = val_cond, val_shape
 

@@ -391,9 +391,12 @@ class WanModel(nn.Module):
 
 
 def build_wan(config: WanConfig | str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WanModel:
-    """Build a WanModel; `device="meta"` allocates nothing (for large configs and FSDP)."""
+    """Build a WanModel; `device="meta"` allocates nothing (for large configs and FSDP).
+
+    With no `device`, the ambient default device is used (an enclosing `with torch.device("meta")`).
+    """
     cfg = get_config(config) if isinstance(config, str) else config
-    with torch.device(device or "cpu"):
+    with torch.device(device or torch.get_default_device()):
         model = WanModel(cfg)
     if dtype is not None:
         model = model.to(dtype)

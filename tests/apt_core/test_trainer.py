@@ -56,8 +56,8 @@ def test_make_rmsprop_is_adam_with_zero_momentum():
 
 
 def test_config_validation_names_the_value():
-    with pytest.raises(ValueError, match="loss='hinge'"):
-        APTConfig(loss="hinge")
+    with pytest.raises(ValueError, match="loss='wasserstein'"):
+        APTConfig(loss="wasserstein")
     with pytest.raises(ValueError, match="grad_accum"):
         APTConfig(grad_accum=0)
     with pytest.raises(ValueError, match="r1_sigma"):
@@ -127,20 +127,24 @@ def test_d_step_uses_one_batched_forward_with_paired_t_and_noise():
     torch.testing.assert_close(m["grad_norm_d"], m["grad_norm_d"].clamp(min=1e-6))  # > 0, finite
 
 
-def test_grad_accum_gives_the_same_gradients_as_one_batch():
+@pytest.mark.parametrize("mismatch_weight", [0.0, 0.5])
+def test_grad_accum_gives_the_same_gradients_as_one_batch(mismatch_weight):
     x, c, noise = _data()
     r1_noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
     grads, metrics = [], []
-    for accum in (1, 2):
-        tr = _setup(APTConfig(grad_accum=accum))
+    for accum in (1, 2, 4):  # 4: micro batches of one sample
+        tr = _setup(APTConfig(grad_accum=accum, mismatch_weight=mismatch_weight))
         m = tr.d_step(x, c, r1_noise=r1_noise, **noise)
         m.update(tr.g_step(c, **noise))
         metrics.append(m)
         grads.append([p.grad.clone() for p in [*tr.discriminator.trainable_parameters(), *tr.generator.parameters()]])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
-    for k in ("d_loss", "ar1", "d_acc", "g_loss"):
-        torch.testing.assert_close(metrics[0][k], metrics[1][k], rtol=1e-5, atol=1e-6)
+    keys = ["d_loss", "ar1", "d_acc", "g_loss"] + (["d_mismatch"] if mismatch_weight else [])
+    assert set(keys) <= set(metrics[0])
+    for other_grads, other_metrics in zip(grads[1:], metrics[1:]):
+        for a, b in zip(grads[0], other_grads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        for k in keys:
+            torch.testing.assert_close(metrics[0][k], other_metrics[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="grad_accum=3"):
         _setup(APTConfig(grad_accum=3)).d_step(x, c)
 
@@ -175,10 +179,31 @@ def test_mismatch_term_scores_real_samples_under_rolled_captions(loss):
     total = m["d_adv"] + cfg.r1_lambda * m["ar1"] + (cfg.r2_lambda * m["ar2"] if relativistic else 0) + 0.5 * m["d_mismatch"]
     torch.testing.assert_close(m["d_loss"], total, rtol=1e-4, atol=1e-6)
     assert "d_mismatch" not in _setup(APTConfig(loss=loss, r2=relativistic)).d_step(x, c, **noise)
-    one = {k: v[:1] for k, v in noise.items()}  # a micro batch of one has no other caption: term skipped
+    one = {k: v[:1] for k, v in noise.items()}  # a batch of one has no other caption: term skipped
     assert "d_mismatch" not in _setup(cfg).d_step(x[:1], WanCond(c.context[:1]), **one)
     with pytest.raises(ValueError, match="mismatch_weight"):
         APTConfig(mismatch_weight=-1.0)
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+def test_mismatch_never_scores_a_sample_under_its_own_caption(accum):
+    """Each real sample is scored once under the NEXT sample's caption of the whole batch, whatever the micro batch."""
+    tr = _setup(APTConfig(grad_accum=accum, mismatch_weight=1.0))
+    x, c, noise = _data()
+    seen = []  # (sample index, caption index) of every mismatched row D scored
+
+    def record(module, args):
+        xs, conds = args[0].chunk(4), args[1].context.chunk(4)  # [real, fake, real + sigma n, mismatched real]
+        for row_x, row_c in zip(xs[3], conds[3]):
+            sample = [i for i in range(len(x)) if torch.equal(row_x, x[i])]
+            caption = [j for j in range(len(x)) if torch.equal(row_c, c.context[j])]
+            seen.append((sample, caption))
+
+    handle = tr.discriminator.register_forward_pre_hook(record)
+    m = tr.d_step(x, c, **noise)
+    handle.remove()
+    assert "d_mismatch" in m
+    assert seen == [([i], [(i + 1) % 4]) for i in range(4)]
 
 
 def test_exact_r1_mode_matches_the_reference():

@@ -78,6 +78,20 @@ def test_real_configs_match_the_public_parameter_table(name, dim, ffn, layers, b
     assert not list(model.buffers())  # nothing outside the checkpoint's keys
 
 
+def test_builders_respect_an_enclosing_meta_device():
+    """No `device` argument: the ambient `with torch.device("meta")` wins (the 14B preset would take 57 GB on CPU)."""
+    def on_meta(model):
+        return {p.device.type for p in model.parameters()} == {"meta"}
+
+    with torch.device("meta"):  # tiny models first: a regression must not reach the 57 GB build
+        tiny = build_wan("tiny", dtype=torch.bfloat16)
+        assert on_meta(tiny) and on_meta(build_flow_model("tiny")) and next(tiny.parameters()).dtype == torch.bfloat16
+        assert on_meta(build_wan("wan2.1-t2v-14b")) and on_meta(build_flow_model("wan2.1-t2v-14b"))
+    assert next(build_wan("tiny").parameters()).device.type == "cpu"  # no context: the default device
+    with torch.device("meta"):
+        assert next(build_wan("tiny", device="cpu").parameters()).device.type == "cpu"  # an explicit device wins
+
+
 # ----------------------------------------------------------------------------------------------
 # (b) an independent reference forward, in the public code's style (list of samples, complex RoPE)
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from nodes.comfy_backbone import (
 )
 from nodes.comfy_env import resolve_path
 from nodes.io import run_config_from_prompt
-from nodes.train import DiscriminatorSpec, parse_layers
+from nodes.train import DiscriminatorSpec, parse_layers, run_dir
 from tests.nodes.comfy_schema import ROOT
 
 
@@ -84,6 +84,22 @@ def test_resolve_path_stays_inside(tmp_path):
         resolve_path("  ", str(tmp_path), "filename")
 
 
+def test_run_name_absolute_or_under_the_runs_folder(tmp_path):
+    """An absolute run_name is the state folder itself (the error text offers it), not output/apt/runs/<abs>
+    (issue 15, defect 6); a relative one stays inside the runs folder."""
+    runs = tmp_path / "output" / "apt" / "runs"
+    elsewhere = tmp_path / "big_disk" / "apt_run"
+    assert run_dir(str(elsewhere), str(runs)) == elsewhere
+    assert run_dir(str(elsewhere)) == elsewhere  # needs no ComfyUI folder lookup
+    assert run_dir("cd", str(runs)) == runs.resolve() / "cd"
+    assert run_dir("exp/2", str(runs)) == runs.resolve() / "exp" / "2"
+    with pytest.raises(ValueError, match="run_name '../x' leaves .*absolute path"):
+        run_dir("../x", str(runs))
+    called = []
+    assert resolve_path("/abs/p", lambda: called.append(1) or str(tmp_path), "x").as_posix() == "/abs/p" and not called
+    assert resolve_path("p", lambda: str(tmp_path), "x") == tmp_path.resolve() / "p"
+
+
 def test_export_reads_the_graphs_settings(tmp_path):
     from training.config import load_config, save_config
 
@@ -99,6 +115,10 @@ def test_export_reads_the_graphs_settings(tmp_path):
     path = save_config(cfg, tmp_path / "run.toml")
     back = load_config(path)
     assert back == cfg
+    prompt["4"]["inputs"].update(mode="sfv", head_layers="3,7")  # the SF-V discriminator: its kind and hinge loss
+    sfv = run_config_from_prompt(prompt, "apt", "/m/wan.safetensors", "/d/shards", "runs/x", "/r/cd.safetensors")
+    assert (sfv.apt.disc_kind, sfv.apt.loss, sfv.apt.sfv.head_layers, sfv.apt.head_layers) == ("sfv", "hinge", [3, 7], [])
+    assert load_config(save_config(sfv, tmp_path / "sfv.toml")) == sfv
     cd = run_config_from_prompt({}, "cd", "/m/wan.safetensors", "/d/shards", "runs/cd")
     assert cd.run.stage == "cd" and cd.run.steps == 500 and cd.model.lora_rank == 32
 

@@ -6,6 +6,7 @@ stand-ins at that boundary (same input/output contract: uint8 frames [F, H, W, 3
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 from apt_core.media import DecodeConfig, scan_media_folder, write_video
 from apt_core.shards import ShardReader, ShardWriter, writer_slice
-from nodes.dataset import encode_folder, folder_fingerprint, open_dataset, trim_text
+from nodes.dataset import APTDatasetFromFolder, encode_folder, folder_fingerprint, open_dataset, trim_text
 
 PROJ = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
 
@@ -100,3 +101,25 @@ def test_trim_text_and_fingerprint(tmp_path):
     a = folder_fingerprint(tmp_path)
     (tmp_path / "f.txt").write_text("x")
     assert folder_fingerprint(tmp_path) != a
+
+
+def test_dataset_change_check_ignores_the_shards_it_writes(media, tmp_path):
+    """IS_CHANGED (ComfyUI's cache key) is equal across runs that rewrite the shard folder, so a second
+    identical queue is a cache hit; it changes when a source file or a widget changes (issue 15, defect 4)."""
+    out = tmp_path / "shards"
+    widgets = {"folder": str(media), "output_dir": str(out), "width": 32, "height": 32, "num_frames": 9, "fps": 8.0,
+               "caption_policy": "error", "shard_index": 0, "num_shards": 1, "mode": "append", "vae": None, "clip": None}
+    key = APTDatasetFromFolder.IS_CHANGED(**widgets)
+    items, _ = scan_media_folder(media, "error")
+    for _ in range(2):  # what build() does to the output folder on each run (the second appends nothing)
+        with ShardWriter(out, {"producer": "test"}, mode="append") as w:
+            done = set(w.written_sources)
+            encode_folder([it for it in items if str(it.path) not in done], w, DecodeConfig(fps=8, num_frames=9, size=(32, 32)),
+                          stand_in_vae, stand_in_text_encoder)
+        assert open_dataset(out).num_samples == 5
+        assert APTDatasetFromFolder.IS_CHANGED(**widgets) == key
+    assert APTDatasetFromFolder.IS_CHANGED(**{**widgets, "output_dir": str(tmp_path / "other")}) != key
+    assert APTDatasetFromFolder.IS_CHANGED(**{**widgets, "width": 64}) != key
+    st = (media / "clip1.mp4").stat()
+    os.utime(media / "clip1.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert APTDatasetFromFolder.IS_CHANGED(**widgets) != key

@@ -1,6 +1,7 @@
 """The training runs behind APT Train / APT Consistency Distill, on a tiny apt_core Wan and real shards."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from nodes.train_loop import (
     CDRun,
     CDSettings,
     export_weights,
+    load_tensors,
     make_loader,
     make_trainable,
     run_loop,
@@ -135,6 +137,27 @@ def test_full_generator_and_frozen_discriminator(shards, tmp_path):
     assert kind == "full" and "head.modulation" in weights and not any("lora" in k for k in weights)
 
 
+def test_sfv_discriminator_run_uses_hinge_and_saves_the_heads_only(shards, tmp_path):
+    """APT Discriminator mode sfv: APT Train trains SF-V's heads with the hinge loss; the state holds the heads only."""
+    from apt_core.sfv import SFVDiscriminator
+
+    torch.manual_seed(1)
+    d = SFVDiscriminator(build_flow_model("tiny"), copy_backbone=False)
+    s = APTSettings(steps=2, lr=1e-3, batch_size=2, lora_rank=4, val_every=0)
+    run = APTRun(generator(4), d, make_loader(shards, 2, 0), s, CPU, tmp_path / "run")
+    assert run.trainer.config.loss == "hinge"
+    run_loop(run, 2)
+    assert [st for st, _ in run.history["d_loss"]] == [1, 2] and all(math.isfinite(v) for _, v in run.history["d_loss"])
+    saved = load_tensors(tmp_path / "run" / "discriminator.safetensors")
+    assert saved and all(k.startswith(("spatial.", "temporal.")) for k in saved)
+    again = APTRun(generator(4), SFVDiscriminator(build_flow_model("tiny"), copy_backbone=False), make_loader(shards, 2, 0), s,
+                   CPU, tmp_path / "run")
+    assert again.resume() and again.step_count == 2
+    for k, v in again.discriminator.state_dict().items():
+        if k in saved:
+            torch.testing.assert_close(v, saved[k])
+
+
 def test_cd_run_with_cfg(shards, tmp_path):
     torch.manual_seed(0)
     teacher = build_flow_model("tiny").requires_grad_(False)
@@ -153,3 +176,15 @@ def test_nothing_to_train_is_an_error(shards):
     frozen = build_flow_model("tiny").requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
         APTRun(frozen, discriminator("frozen"), make_loader(shards, 1, 0), APTSettings(), CPU)
+
+
+def test_cd_grid_shift_has_one_default():
+    """CDConfig states the CD grid shift (AAPT: 24); the node, its settings and the headless config read it."""
+    from apt_core.trainer import CDConfig
+    from nodes.train import APTConsistencyDistill
+    from training.config import RunConfig
+
+    widget = APTConsistencyDistill.INPUT_TYPES()["required"]["grid_shift"][1]["default"]
+    assert CDConfig().shift == 24.0
+    assert (widget, CDSettings().grid_shift, RunConfig().cd.grid_shift) == (24.0, 24.0, 24.0)
+
