@@ -200,6 +200,17 @@ def open_writer(out: Path, meta: dict[str, Any], args: argparse.Namespace):
     if out.is_dir() and not ours and any(not p.name.startswith(".") for p in out.iterdir()):
         raise PrepareError(f"output {out} is a non-empty folder that holds no shards; give a new or empty folder")
     mode = "overwrite" if args.overwrite else "append"
+    index = out / index_name(args.shard_index)
+    if mode == "append" and index.is_file():
+        try:
+            old = json.loads(index.read_text(encoding="utf-8")).get("metadata", {})
+        except (json.JSONDecodeError, AttributeError):
+            old = None  # damaged: ShardWriter names it below
+        if isinstance(old, dict) and old != meta:
+            diff = "; ".join(f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now"
+                             for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k))
+            raise PrepareError(f"output {out} was made with other settings ({diff}); pass --overwrite to replace "
+                               f"its shards, or choose a new output folder")
     if mode == "append" and ours and not (out / index_name(args.shard_index)).exists():
         mode = "new"  # another writer's files only: ShardWriter refuses ours if shard files exist without an index
     try:
@@ -224,7 +235,7 @@ def prepare(args: argparse.Namespace, on_item: Callable[[int], None] | None = No
 
     _check_args(args)
     started = time.monotonic()
-    src, out = Path(args.input), Path(args.output)
+    src, out = Path(args.input).resolve(), Path(args.output)  # absolute sources: a re-run from elsewhere resumes
     try:
         items, scan = scan_media_folder(src, args.caption_policy, args.manifest)
     except ValueError as e:  # a damaged manifest

@@ -4,8 +4,12 @@ tiny random weights saved as real safetensors files, with a sentencepiece tokeni
 
 import io
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -294,7 +298,8 @@ def test_pixels_report_workers_resume_and_refusal(media, tmp_path, capsys):
     # other settings on the same output: refused, files untouched; --overwrite replaces
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.glob("shard-*"))
     assert main([str(media), str(out), *PIXEL_ARGS, "--size", "16x16"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "size: [32, 32] there, [16, 16] now" in err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.glob("shard-*")) == before
     assert main([str(media), str(out), *PIXEL_ARGS, "--size", "16x16", "--overwrite"]) == 0
     assert ShardReader(out)[0].latent.shape[-2:] == (16, 16)
@@ -327,6 +332,31 @@ def test_interrupted_run_continues(media, tmp_path):
     reader = ShardReader(out, require_complete=True)
     sources = sorted(Path(reader[i].source).name for i in range(len(reader)))
     assert sources == ["clip0.mp4", "clip1.mp4", "clip2.mp4", "still.png"]
+
+
+def test_sigterm_keeps_encoded_samples_and_rerun_finishes(media, tmp_path):
+    """SIGTERM (a cluster's kill) mid-run: exit code 1, shards flushed; the same command again completes."""
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(10):
+        shutil.copy(media / "clip0.mp4", many / f"c{i:02d}.mp4")
+        (many / f"c{i:02d}.txt").write_text(f"clip {i}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "training.prepare", str(many), str(out), *PIXEL_ARGS, "--samples-per-shard", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "shard-00000-000001.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert "Run the same command again" in err
+    part = json.loads((out / "dataset-00000.json").read_text())
+    assert part["complete"] is False and 1 <= part["num_samples"] < 10  # the signal may fall between a shard and its index update
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
+    reader = ShardReader(out, require_complete=True)
+    assert sorted(Path(reader[i].source).name for i in range(len(reader))) == [f"c{i:02d}.mp4" for i in range(10)]
 
 
 def test_encoders_path_and_one_training_step(media, weights, tmp_path):
