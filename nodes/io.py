@@ -31,8 +31,9 @@ def lora_for_saving(model: Any) -> dict:
         raise ValueError("this generator's weights were fine-tuned in full (lora_rank 0), so there is no LoRA; save it with format=full")
     total = sum(len(v) for v in model.patches.values())
     if total != w.patch_count:
-        raise ValueError(f"this MODEL carries {total - w.patch_count} weight patches that APT did not create (e.g. a LoRA loaded "
-                         "afterwards); a LoRA file would not reproduce it. Save with format=full, or save before adding them.")
+        raise ValueError(f"this MODEL carries {total - w.patch_count} weight patches that APT did not create (a LoRA applied "
+                         "with LoraLoaderModelOnly before or after training); a LoRA file of APT's weights alone would not "
+                         "reproduce it. Save with format=full (all baked into one checkpoint), or save before adding a LoRA after APT.")
     return combine_loras(w.loras)
 
 
