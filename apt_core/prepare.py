@@ -8,6 +8,7 @@ a `DecodeReport` by reason (never fatal), encoder failures raise. Encoders are p
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,11 @@ def trim_text(emb: torch.Tensor) -> torch.Tensor:
     nonzero = (emb != 0).any(dim=-1).nonzero()
     n = int(nonzero[-1]) + 1 if len(nonzero) else 1
     return emb[:n]
+
+
+def _quiet_worker() -> None:
+    """Worker initializer: skipped files are logged once, by the main process, not again by the worker."""
+    logging.getLogger("apt_core.media_scan").disabled = True
 
 
 def _decode_in_worker(item: MediaItem, config: DecodeConfig) -> tuple[Any, ClipInfo | None, list[tuple[str, str, str]]]:
@@ -51,7 +57,7 @@ def iter_decoded_parallel(items: Sequence[MediaItem], config: DecodeConfig, repo
             yield i, clip
         return
     ctx = multiprocessing.get_context("spawn")  # no fork after torch/OpenMP threads started
-    with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_quiet_worker) as pool:
         pending: deque[tuple[int, Future]] = deque()
         todo = iter(enumerate(items))
         try:

@@ -80,6 +80,7 @@ class RunSection:
     seed: int = opt(0, "base seed: model init, data order and per-sample noise (seed, step, global sample index)", bounds=NONNEG)
     steps: int = opt(100, "optimiser steps for the teacher / cd stages (apt uses apt.image.steps + apt.video.steps)", bounds=NONNEG)
     device: str = opt("auto", "auto = cuda if available (one GPU per local rank), else cpu", ("auto", "cpu", "cuda"))
+    warmup_steps: int = opt(0, "linear learning-rate warmup over the first N steps of each phase, for every optimiser (G and D); 0 = off", bounds=NONNEG)
 
 
 @dataclass
@@ -113,6 +114,14 @@ class ParallelSection:
     attention: str = opt("default", "SDPA kernel: default = PyTorch's dispatcher; auto = the fastest, timed once per shape; "
                          "or flash / cudnn / efficient / math wherever it takes the inputs", ATTENTION_CHOICES)
     backend: str = opt("auto", "process-group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class DistributedSection:
+    """Process-group behaviour (training/distributed.py, training/stop.py)."""
+
+    timeout_s: float = opt(600.0, "collective timeout (s): a rank that stalls or dies ends the job after this long instead of "
+                           "hanging; must cover the slowest collective wait: rank 0 loading init_from, the first step, a checkpoint save", bounds=POSITIVE)
 
 
 @dataclass
@@ -239,6 +248,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     cd: CDSection = field(default_factory=CDSection)
     apt: APTSection = field(default_factory=APTSection)

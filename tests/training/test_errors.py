@@ -150,6 +150,10 @@ def test_finished_run_says_so_and_more_steps_train_on(monkeypatch, files, tmp_pa
     assert "already complete at step 2" in capsys.readouterr().err
     more = _train(monkeypatch, *args, "--run.steps=3")
     assert more["resumed_from"].endswith("step-2") and more["step"] == 3
+    # at its last step but without its export (stopped by a signal there, or killed while exporting): export it
+    Path(more["export"]["model"]).unlink()
+    again = _train(monkeypatch, *args, "--run.steps=3")
+    assert again["step"] == 3 and Path(again["export"]["model"]).is_file()
 
 
 def test_damaged_newest_checkpoint_is_named_and_skipped(monkeypatch, files, tmp_path):
@@ -208,7 +212,7 @@ def test_readme_sequence_starts_a_new_run_for_each_command():
     text = (ROOT / "README.md").read_text()
     block = text.split("## Headless training", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     dirs = []
-    for line in block.splitlines():
+    for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
         argv = shlex.split(line, comments=True)
         if not argv or argv[0] not in ("apt-train", "torchrun") or "tiny_cpu.toml" not in line:
             continue

@@ -4,8 +4,12 @@ tiny random weights saved as real safetensors files, with a sentencepiece tokeni
 
 import io
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import av
@@ -159,6 +163,17 @@ def test_vae_module_tree_follows_wan_keys():
         (8, 16, (1, 2, 4, 4), 2, (False, True, True))
 
 
+def test_full_size_configs_match_public_wan_layout():
+    """Default configs = Wan 2.1's VAE (dim 96) and umT5-XXL encoders: tensor counts and parameter totals as
+    built by wan/modules/vae.py (WanVAE_ minus decoder/conv2) and t5.py (umt5_xxl encoder) at Wan2.1@9737cba."""
+    with torch.device("meta"):
+        vae, t5 = WanVAEEncoder(), T5Encoder()
+    assert len(vae.state_dict()) == 86 and sum(p.numel() for p in vae.parameters()) == 53_596_928
+    assert len(t5.state_dict()) == 242 and sum(p.numel() for p in t5.parameters()) == 5_680_910_336
+    assert tuple(vae.state_dict()["encoder.downsamples.8.time_conv.weight"].shape) == (384, 384, 3, 1, 1)
+    assert tuple(t5.state_dict()["blocks.23.pos_embedding.embedding.weight"].shape) == (32, 64)
+
+
 @pytest.mark.parametrize("frames", [1, 5, 9])
 def test_vae_encode_shape_chunked_and_causal(frames):
     """F frames -> 1 + (F-1)/4 latent frames, H/8, W/8, 16 channels; the chunked (memory-bounded) encode equals
@@ -294,7 +309,8 @@ def test_pixels_report_workers_resume_and_refusal(media, tmp_path, capsys):
     # other settings on the same output: refused, files untouched; --overwrite replaces
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.glob("shard-*"))
     assert main([str(media), str(out), *PIXEL_ARGS, "--size", "16x16"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "size: [32, 32] there, [16, 16] now" in err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.glob("shard-*")) == before
     assert main([str(media), str(out), *PIXEL_ARGS, "--size", "16x16", "--overwrite"]) == 0
     assert ShardReader(out)[0].latent.shape[-2:] == (16, 16)
@@ -327,6 +343,31 @@ def test_interrupted_run_continues(media, tmp_path):
     reader = ShardReader(out, require_complete=True)
     sources = sorted(Path(reader[i].source).name for i in range(len(reader)))
     assert sources == ["clip0.mp4", "clip1.mp4", "clip2.mp4", "still.png"]
+
+
+def test_sigterm_keeps_encoded_samples_and_rerun_finishes(media, tmp_path):
+    """SIGTERM (a cluster's kill) mid-run: exit code 1, shards flushed; the same command again completes."""
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(10):
+        shutil.copy(media / "clip0.mp4", many / f"c{i:02d}.mp4")
+        (many / f"c{i:02d}.txt").write_text(f"clip {i}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "training.prepare", str(many), str(out), *PIXEL_ARGS, "--samples-per-shard", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "shard-00000-000001.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert "Run the same command again" in err
+    part = json.loads((out / "dataset-00000.json").read_text())
+    assert part["complete"] is False and 1 <= part["num_samples"] < 10  # the signal may fall between a shard and its index update
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=300).returncode == 0
+    reader = ShardReader(out, require_complete=True)
+    assert sorted(Path(reader[i].source).name for i in range(len(reader))) == [f"c{i:02d}.mp4" for i in range(10)]
 
 
 def test_encoders_path_and_one_training_step(media, weights, tmp_path):
