@@ -196,6 +196,12 @@ class ComfyFlowModel(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         return self._call(x_t, t, cond, {})
 
+    def token_grid(self, x_shape: Sequence[int]) -> tuple[int, int, int]:
+        """(F, H, W) of the token grid for x [B, C, F, H, W] (ComfyUI's Wan patch size)."""
+        from apt_core.backbone import token_grid
+
+        return token_grid(x_shape, tuple(getattr(self.diffusion_model, "patch_size", (1, 2, 2))))
+
     def features(self, x: torch.Tensor, t: torch.Tensor, cond: Any, layers: Sequence[int]) -> list[torch.Tensor]:
         layers = [int(i) for i in layers]
         if not layers or any(not 0 <= i < self.num_layers for i in layers):

@@ -79,10 +79,10 @@ def source_fingerprint(folder: str | Path, widgets: dict) -> str:
 
 
 def trim_text(emb: torch.Tensor) -> torch.Tensor:
-    """[L, D] without trailing all-zero rows (umT5 padding), at least one row."""
-    nonzero = (emb != 0).any(dim=-1).nonzero()
-    n = int(nonzero[-1]) + 1 if len(nonzero) else 1
-    return emb[:n]
+    """[L, D] without trailing all-zero rows (umT5 padding), at least one row (apt_core.prepare.trim_text)."""
+    from apt_core.prepare import trim_text as _trim
+
+    return _trim(emb)
 
 
 def encode_folder(
@@ -93,27 +93,11 @@ def encode_folder(
     encode_text: Callable[[str], torch.Tensor],
     on_item: Callable[[int], None] | None = None,
 ) -> tuple[int, DecodeReport]:
-    """Decode, encode and write each item (apt_core.media_scan.MediaItem); bad files go into the report.
+    """Decode, encode and write each item; bad files go into the report (apt_core.prepare.encode_folder,
+    shared with the headless `apt-prepare`). Returns (samples written, DecodeReport)."""
+    from apt_core.prepare import encode_folder as _encode_folder
 
-    encode_frames: uint8 [F, H, W, 3] -> latent [C, F', h, w]; encode_text: caption -> [L, D].
-    Returns (samples written, DecodeReport). Encoder failures are not skipped: they raise.
-    """
-    from apt_core.media_scan import DecodeReport, iter_decoded
-
-    report = DecodeReport(title="decode")
-    cache: dict[str, torch.Tensor] = {}
-    written = 0
-    for i, item in enumerate(items):
-        for clip in iter_decoded([item], decode_config, report):
-            if item.caption not in cache:
-                cache[item.caption] = trim_text(encode_text(item.caption))
-            latent = encode_frames(clip.frames)
-            writer.add(latent, cache[item.caption], item.caption, source=str(item.path), fps=clip.info.fps,
-                       frame_indices=clip.info.frame_indices)
-            written += 1
-        if on_item is not None:
-            on_item(i + 1)
-    return written, report
+    return _encode_folder(items, writer, decode_config, encode_frames, encode_text, on_item)
 
 
 def comfy_encoders(vae: Any, clip: Any) -> tuple[Callable, Callable]:

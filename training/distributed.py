@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-STREAMS = ("z_d", "z_g", "t_d", "t_g", "r1", "r2", "eps", "t", "cd_index")
+STREAMS = ("z_d", "z_g", "t_d", "t_g", "r1", "r2", "eps", "t", "cd_index",
+           "d_eps_real", "d_eps_fake", "g_eps_fake", "g_eps_real")  # append only: the index seeds the stream
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from apt_core.flow import add_noise, generate_one_step, sample_timesteps
 from apt_core.lora import inject_lora
 from apt_core.models.io import config_from_metadata, infer_wan_config, load_state_dict_file, read_metadata
 from apt_core.models.wan import WanConfig, get_config
+from apt_core.sfv import SFVDiscriminator
 from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, make_rmsprop
 from training import distributed as D
 from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState, read_info
@@ -138,20 +139,28 @@ def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, path: str, lor
 
 
 def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase: Phase) -> nn.Module:
-    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from) + fresh seeded heads."""
+    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from) + fresh seeded heads; SF-V D
+    (apt.disc_kind = "sfv"): the first blocks of those weights, frozen, + fresh seeded heads."""
     a = cfg.apt
-    kwargs = dict(head_layers=a.head_layers or None, mode=a.disc_mode, timestep_shift=phase.apt.d_timestep_shift,
-                  lora_rank=a.disc_lora_rank, copy_backbone=False)
+    if a.disc_kind == "sfv":
+        s = a.sfv
+        cls: type[nn.Module] = SFVDiscriminator
+        kwargs = dict(backbone_blocks=s.backbone_blocks or None, head_layers=s.head_layers or None, p_mean=s.p_mean,
+                      p_std=s.p_std, head_channels=s.head_channels or None, copy_backbone=False)
+    else:
+        cls = APTDiscriminator
+        kwargs = dict(head_layers=a.head_layers or None, mode=a.disc_mode, timestep_shift=phase.apt.d_timestep_shift,
+                      lora_rank=a.disc_lora_rank, copy_backbone=False)
     with torch.device("meta"):
         backbone = WanFlowModel(config)
-    disc = APTDiscriminator(backbone, **kwargs)
+    disc = cls(backbone, **kwargs)
     full = None
     if world.is_main:
         with torch.device("meta"):
             ref_backbone = WanFlowModel(config)
         ref_backbone.load_state_dict(base_weights(config, cfg.model.init_from, cfg.run.seed), assign=True)
         with seeded(cfg.run.seed + 2):
-            full = APTDiscriminator(ref_backbone, **kwargs).state_dict()
+            full = cls(ref_backbone, **kwargs).state_dict()
     return parallelize(disc, full, cfg.parallel, world)
 
 
@@ -316,7 +325,7 @@ class APTStage(Stage):
         self.opt_d = make_rmsprop(self._trainable(self.discriminator), lr_d)
         self.ema = EMA(self.generator, a.ema_decay)
         relativistic = a.loss == "relativistic"
-        acfg = APTConfig(loss=a.loss, r1_lambda=a.r1_lambda, r1_sigma=phase.apt.r1_sigma, r2=relativistic,
+        acfg = APTConfig(loss=a.loss, r1_lambda=a.r1_lambda, r1_sigma=phase.apt.r1_sigma, r1_mode=a.r1_mode, r2=relativistic,
                          r2_lambda=a.r1_lambda, d_timestep_shift=phase.apt.d_timestep_shift,
                          mismatch_weight=phase.apt.mismatch_weight,
                          grad_accum=phase.grad_accum, autocast_dtype=self.amp)
@@ -333,12 +342,20 @@ class APTStage(Stage):
         dev, idx, shift = self.world.device, self._idx(batch), self.phase.apt.d_timestep_shift
         x0, cond = batch.latent.float(), _cond(batch)
         relativistic = self.cfg.apt.loss == "relativistic"
-        t_d = _per_sample_t(self.seed, step, idx, "t_d", dev, kind="shifted", shift=shift)
+        sfv = self.cfg.apt.disc_kind == "sfv"  # SF-V: D's t is a log-normal sigma and its inputs are noised
+        t_kw = (dict(kind="logit_normal", logit_mean=self.cfg.apt.sfv.p_mean, logit_std=self.cfg.apt.sfv.p_std) if sfv
+                else dict(kind="shifted", shift=shift))
+        d_noise = {"noise_real": self.noise(batch, step, "d_eps_real"), "noise_fake": self.noise(batch, step, "d_eps_fake")} if sfv else {}
+        t_d = _per_sample_t(self.seed, step, idx, "t_d", dev, **t_kw)
         metrics = self.trainer.d_step(x0, cond, z=self.noise(batch, step, "z_d"), t_d=t_d,
                                       r1_noise=self.noise(batch, step, "r1"),
-                                      r2_noise=self.noise(batch, step, "r2") if relativistic else None)
-        t_g = _per_sample_t(self.seed, step, idx, "t_g", dev, kind="shifted", shift=shift)
-        metrics |= self.trainer.g_step(cond, z=self.noise(batch, step, "z_g"), t_d=t_g, x_real=x0 if relativistic else None)
+                                      r2_noise=self.noise(batch, step, "r2") if relativistic else None, **d_noise)
+        t_g = _per_sample_t(self.seed, step, idx, "t_g", dev, **t_kw)
+        g_noise = {"noise_fake": self.noise(batch, step, "g_eps_fake")} if sfv else {}
+        if sfv and relativistic:
+            g_noise["noise_real"] = self.noise(batch, step, "g_eps_real")
+        metrics |= self.trainer.g_step(cond, z=self.noise(batch, step, "z_g"), t_d=t_g, x_real=x0 if relativistic else None,
+                                       **g_noise)
         return metrics
 
 

@@ -56,8 +56,8 @@ def test_make_rmsprop_is_adam_with_zero_momentum():
 
 
 def test_config_validation_names_the_value():
-    with pytest.raises(ValueError, match="loss='hinge'"):
-        APTConfig(loss="hinge")
+    with pytest.raises(ValueError, match="loss='wasserstein'"):
+        APTConfig(loss="wasserstein")
     with pytest.raises(ValueError, match="grad_accum"):
         APTConfig(grad_accum=0)
     with pytest.raises(ValueError, match="r1_sigma"):

@@ -115,6 +115,10 @@ def test_export_reads_the_graphs_settings(tmp_path):
     path = save_config(cfg, tmp_path / "run.toml")
     back = load_config(path)
     assert back == cfg
+    prompt["4"]["inputs"].update(mode="sfv", head_layers="3,7")  # the SF-V discriminator: its kind and hinge loss
+    sfv = run_config_from_prompt(prompt, "apt", "/m/wan.safetensors", "/d/shards", "runs/x", "/r/cd.safetensors")
+    assert (sfv.apt.disc_kind, sfv.apt.loss, sfv.apt.sfv.head_layers, sfv.apt.head_layers) == ("sfv", "hinge", [3, 7], [])
+    assert load_config(save_config(sfv, tmp_path / "sfv.toml")) == sfv
     cd = run_config_from_prompt({}, "cd", "/m/wan.safetensors", "/d/shards", "runs/cd")
     assert cd.run.stage == "cd" and cd.run.steps == 500 and cd.model.lora_rank == 32
 
