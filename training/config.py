@@ -45,6 +45,7 @@ class RunSection:
     seed: int = opt(0, "base seed: model init, data order and per-sample noise (seed, step, global sample index)")
     steps: int = opt(100, "optimiser steps for the teacher / cd stages (apt uses apt.image.steps + apt.video.steps)")
     device: str = opt("auto", "auto = cuda if available (one GPU per local rank), else cpu", ("auto", "cpu", "cuda"))
+    warmup_steps: int = opt(0, "linear learning-rate warmup over the first N steps of each phase, for every optimiser (G and D); 0 = off")
 
 
 @dataclass
@@ -78,6 +79,14 @@ class ParallelSection:
     attention: str = opt("default", "SDPA kernel: default = PyTorch's dispatcher; auto = the fastest, timed once per shape; "
                          "or flash / cudnn / efficient / math wherever it takes the inputs", ATTENTION_CHOICES)
     backend: str = opt("auto", "process-group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class DistributedSection:
+    """Process-group behaviour (training/distributed.py, training/stop.py)."""
+
+    timeout_s: float = opt(600.0, "collective timeout (s): a rank that stalls or dies ends the job after this long instead of "
+                           "hanging; must cover the slowest collective wait: rank 0 loading init_from, the first step, a checkpoint save")
 
 
 @dataclass
@@ -205,6 +214,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     cd: CDSection = field(default_factory=CDSection)
     apt: APTSection = field(default_factory=APTSection)
@@ -359,6 +369,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.parallel.compile and cfg.parallel.attention != "default":
         raise ConfigError(f"parallel.attention={cfg.parallel.attention!r} has no effect under parallel.compile=true "
                           "(compiled blocks take PyTorch's dispatcher); set parallel.attention='default' or compile=false")
+    if not cfg.distributed.timeout_s > 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0 seconds, got {cfg.distributed.timeout_s}")
+    if cfg.run.warmup_steps < 0:
+        raise ConfigError(f"run.warmup_steps must be >= 0, got {cfg.run.warmup_steps}")
     if len(cfg.teacher.betas) != 2:
         raise ConfigError(f"teacher.betas must have 2 values, got {cfg.teacher.betas}")
     if cfg.monitor.val_every and not cfg.monitor.val_seeds:

@@ -42,6 +42,7 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
+from training.stop import StopRequest
 
 
 @dataclass
@@ -200,6 +201,24 @@ class Stage:
     def state(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The phase's optimisers by the metric name of their learning rate (lr: G, lr_d: D)."""
+        raise NotImplementedError
+
+    def remember_lr(self) -> None:
+        """Record the configured learning rates (before a checkpoint load restores warmed-up ones)."""
+        self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers().items()}
+
+    def set_lr(self, step: int) -> dict[str, torch.Tensor]:
+        """Apply run.warmup_steps (linear ramp from the phase's start) to every optimiser; the lrs as metrics."""
+        warm = self.cfg.run.warmup_steps
+        scale = min(1.0, (step - self.phase.start + 1) / warm) if warm else 1.0
+        opts = self.optimizers()
+        for k, o in opts.items():
+            for g, base in zip(o.param_groups, self._base_lr[k]):
+                g["lr"] = base * scale
+        return {k: torch.tensor(o.param_groups[0]["lr"]) for k, o in opts.items()}
+
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -232,6 +251,9 @@ class TeacherStage(Stage):
     def state(self) -> dict[str, Any]:
         s = {"generator": ModelOptimState(self.generator, self.opt)}
         return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"lr": self.opt}
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         t_cfg, dev = self.cfg.teacher, self.world.device
@@ -287,6 +309,9 @@ class CDStage(Stage):
         s = {"generator": ModelOptimState(self.generator, self.opt)}
         return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"lr": self.opt}
+
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, n = self.world.device, self._idx(batch), self.cfg.cd.grid_steps
         cond = _cond(batch)
@@ -337,6 +362,9 @@ class APTStage(Stage):
             "discriminator": ModelOptimState(self.discriminator, self.opt_d),
             "ema": ObjectState(self.ema),
         }
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"lr": self.opt_g, "lr_d": self.opt_d}
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, shift = self.world.device, self._idx(batch), self.phase.apt.d_timestep_shift
@@ -544,6 +572,8 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
     if not result["val_finite"]:
         logger.event(step, "warning", "validation samples contain NaN/Inf: the generator (EMA) has diverged; "
                      "lower the learning rate and resume from an earlier checkpoint")
+    if "val_dir" in result:
+        logger.image("validation/grid", Path(result["val_dir"]) / "grid.png", step)
     warning = None if math.isnan(result["val_diversity"]) else detector.diversity_warning(result["val_diversity"])
     if warning:
         logger.event(step, "warning", warning)
@@ -553,12 +583,26 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
 def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False) -> dict[str, Any]:
     """Run the configured stage to the end (resuming from the newest complete checkpoint if any), holding
     the run directory's lock (training.runlock) throughout."""
-    world = D.init_distributed(cfg.run.device, cfg.parallel.backend)
-    with run_lock(cfg.run.dir, world):
-        return _train(cfg, world, resume, export_only)
+    world = D.init_distributed(cfg.run.device, cfg.parallel.backend, cfg.distributed.timeout_s)
+    stop = StopRequest().install(grace_s=cfg.distributed.timeout_s)
+    try:
+        with run_lock(cfg.run.dir, world):
+            return _train(cfg, world, stop, resume, export_only)
+    finally:
+        stop.uninstall()
 
 
-def _train(cfg: RunConfig, world: D.World, resume: bool | str, export_only: bool) -> dict[str, Any]:
+def start_banner(cfg: RunConfig, world: D.World, phases: list[Phase], step: int, start_path: Path | None) -> str:
+    """What a run is about to do, in one line: run dir, world, phases with step ranges, resume point."""
+    plan = ", ".join(f"{p.name} steps {p.start + 1}-{p.end} (global batch {p.micro_batch * p.grad_accum * world.world_size})"
+                     for p in phases)
+    where = f"resuming from {start_path} at step {step}" if start_path else "fresh start at step 0"
+    return (f"apt-train {cfg.run.stage}: run dir {cfg.run.dir}, world size {world.world_size} ({world.backend}, "
+            f"{world.device.type}), {plan}; {where} of {phases[-1].end}")
+
+
+def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str, export_only: bool) -> dict[str, Any]:
+    """train() once the process group and the stop handlers are up."""
     torch.manual_seed(cfg.run.seed + world.rank)
     run_dir = Path(cfg.run.dir)
     ckpt = CheckpointManager(run_dir, world, keep=cfg.checkpoint.keep)
@@ -598,12 +642,24 @@ def _train(cfg: RunConfig, world: D.World, resume: bool | str, export_only: bool
                            cfg.monitor.tensorboard, start_step=step)
     detector = CollapseDetector(cfg.monitor.collapse_window, cfg.monitor.d_loss_floor, cfg.monitor.diversity_threshold)
     result: dict[str, Any] = {"world_size": world.world_size, "resumed_from": str(start_path) if start_path else None}
+    logger.event(step, "start", start_banner(cfg, world, phases, step, start_path), world_size=world.world_size,
+                 phases={p.name: [p.start, p.end] for p in phases})
     if start_path:
         logger.event(step, "resume", f"resumed from {start_path}", checkpoint=str(start_path), world_size=world.world_size)
     lora = cfg.model.lora_rank
+
+    def save(at: int, phase: Phase) -> Path:
+        stop_if_diverged(logger.flush(), ckpt)
+        check_weights(stage, at, ckpt)  # a non-finite state is never saved
+        path = ckpt.save(at, state, files={"config.toml": dumps(cfg)}, info={"phase": phase.name, "finite": True})
+        logger.event(at, "checkpoint", f"checkpoint saved: {path}", checkpoint=str(path))
+        return path
+
     for i in range(k, len(phases)):
         phase = phases[i]
         stage.begin_phase(phase, first=i == k)
+        stage.remember_lr()
+        logger.global_batch = phase.micro_batch * phase.grad_accum * world.world_size
         dataset = ShardDataset(phase.data)
         loader = BucketedLoader(dataset, phase.micro_batch * phase.grad_accum, world.rank, world.world_size,
                                 seed=cfg.run.seed + phase.index)
@@ -616,7 +672,8 @@ def _train(cfg: RunConfig, world: D.World, resume: bool | str, export_only: bool
         batches = _batches(loader, world.device)
         logger.restart_clock(step)
         while step < phase.end:
-            metrics = stage.step(step, next(batches))
+            lrs = stage.set_lr(step)
+            metrics = stage.step(step, next(batches)) | lrs
             step += 1
             rows = logger.log(step, metrics, phase.name)
             if rows:
@@ -628,10 +685,19 @@ def _train(cfg: RunConfig, world: D.World, resume: bool | str, export_only: bool
             if validator is not None and (step % cfg.monitor.val_every == 0 or last):
                 stop_if_diverged(logger.flush(), ckpt)
                 result["validation"] = validate(stage, validator, step, logger, detector)
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-                stop_if_diverged(logger.flush(), ckpt)
-                check_weights(stage, step, ckpt)  # a non-finite state is never saved
-                ckpt.save(step, state, files={"config.toml": dumps(cfg)}, info={"phase": phase.name, "finite": True})
+            saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
+            if saved:
+                save(step, phase)
+            reason = stop.agreed(world)  # collective: every rank stops after the same step
+            if reason:
+                path = None if saved else save(step, phase)
+                logger.event(step, "stopped", f"{reason}: stopped at step {step} with a checkpoint saved; "
+                             "run the same command again to resume", reason=reason,
+                             checkpoint=str(path or ckpt.dir / f"step-{step}"))
+                result["stopped"] = reason
+                break
+        if result.get("stopped"):
+            break
         if phase.name == "image" and i + 1 < len(phases) and not export_only:
             check_weights(stage, step, ckpt)
             export_generator(stage.generator, run_dir / "export", "apt_image_ema", world, config, stage.ema, lora,
@@ -640,6 +706,9 @@ def _train(cfg: RunConfig, world: D.World, resume: bool | str, export_only: bool
     logger.close()
     result["step"] = step
     result["metrics"] = logger.rows
+    if result.get("stopped"):
+        D.barrier()
+        return result
     if cfg.export.final or export_only:
         check_weights(stage, step, ckpt)
         name = export_name(stage.export_name, step, phases[-1].end)

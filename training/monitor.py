@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections import deque
@@ -60,15 +61,29 @@ class MetricsLogger:
         self._buffer: list[tuple[int, str, dict[str, torch.Tensor]]] = []
         self._last_time, self._last_step = time.perf_counter(), start_step
         self.bar = self.tb = None
+        self.total_steps = total_steps
+        self.global_batch = 0  # samples per optimiser step (set by the loop per phase): samples_s
         self.rows: list[dict[str, Any]] = []  # the rows written by the last flush
+        # console output (rank 0, monitor.progress): a tqdm bar on a terminal, else one line per flush
+        self.lines = progress and world.is_main and not sys.stderr.isatty()
+        self.verbose = progress and world.is_main
         if world.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if progress:
+            if progress and not self.lines:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total_steps, initial=start_step, desc=f"apt-train {Path(run_dir).name}", dynamic_ncols=True)
             if tensorboard:
                 self.tb = _tensorboard_writer(Path(run_dir) / "tb")
+
+    def console(self, message: str) -> None:
+        """One line on the console (rank 0, when monitor.progress is on), above the bar if there is one."""
+        if not self.verbose:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
 
     def restart_clock(self, step: int) -> None:
         """Measure it/s from now (excludes model building, checkpoint loading, validation set-up)."""
@@ -104,6 +119,9 @@ class MetricsLogger:
             row.update({k: v for k, v in zip(keys, vals) if k in m})  # a NaN the step returned stays NaN
             rows.append(row)
         rows[-1]["it_s"] = it_s
+        if self.global_batch:
+            rows[-1]["samples_s"] = it_s * self.global_batch
+        rows[-1]["peak_mem_gib"] = _peak_memory_gib(self.world)
         self._buffer = []
         self.rows = rows
         if self.world.is_main:
@@ -115,10 +133,13 @@ class MetricsLogger:
                     for k, v in row.items():
                         if isinstance(v, float):
                             self.tb.add_scalar(k, v, row["step"])
+            shown = {k: f"{v:.4g}" for k, v in rows[-1].items() if k in _BAR_KEYS}
             if self.bar is not None:
-                shown = {k: f"{v:.4g}" for k, v in rows[-1].items() if k in _BAR_KEYS}
                 self.bar.set_postfix(shown, refresh=False)
                 self.bar.update(last_step - self.bar.n)
+            elif self.lines:
+                phase = f" [{rows[-1]['phase']}]" if "phase" in rows[-1] else ""
+                print(f"step {last_step}/{self.total_steps}{phase} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
         return rows
 
     def event(self, step: int, kind: str, message: str, **fields: Any) -> None:
@@ -129,8 +150,16 @@ class MetricsLogger:
             f.write(json_line({"step": step, "event": kind, "message": message, **fields}) + "\n")
         if kind == "warning":
             warnings.warn(f"step {step}: {message}", RuntimeWarning, stacklevel=2)
-        if self.bar is not None:
-            self.bar.write(f"[step {step}] {kind}: {message}")
+        self.console(f"[step {step}] {kind}: {message}" if kind in ("warning", "validation") else f"[step {step}] {message}")
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """A PNG (the validation grid) in TensorBoard's Images tab, if TensorBoard is on (rank 0)."""
+        if self.world.is_main and self.tb is not None:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+            self.tb.flush()
 
     def close(self) -> None:
         self.flush()
@@ -155,15 +184,37 @@ def nonfinite_metrics(rows: list[dict[str, Any]]) -> tuple[int, list[str]] | Non
     return None
 
 
-_BAR_KEYS = ("loss", "d_loss", "g_loss", "d_acc", "logits_real", "logits_fake", "it_s")
+_BAR_KEYS = ("loss", "d_loss", "g_loss", "d_acc", "logits_real", "logits_fake", "lr", "it_s", "samples_s", "peak_mem_gib", "mfu")
+
+
+def _peak_memory_gib(world: World) -> float:
+    """Peak memory of the most loaded rank (collective): CUDA allocated on GPU, else the process's peak RSS."""
+    if world.device.type == "cuda":
+        local = torch.cuda.max_memory_allocated(world.device) / 2**30
+    else:
+        import resource
+
+        local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    t = torch.tensor([local], device=world.device if world.backend == "nccl" else "cpu")
+    if torch.distributed.is_initialized() and world.world_size > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+_TB_MISSING_WARNED = False
 
 
 def _tensorboard_writer(path: Path):
-    """A SummaryWriter, or None (with a warning) if tensorboard is not installed."""
+    """A SummaryWriter, or None (with one warning per process) if tensorboard is not installed."""
+    global _TB_MISSING_WARNED
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        warnings.warn("monitor.tensorboard = true but tensorboard is not installed; pip install tensorboard", stacklevel=2)
+        if not _TB_MISSING_WARNED:
+            _TB_MISSING_WARNED = True
+            warnings.warn("monitor.tensorboard = true but the tensorboard package is not installed: no TensorBoard "
+                          "events are written (metrics.jsonl has the same values); pip install tensorboard "
+                          "(or pip install 'comfyui-apt[train]')", stacklevel=2)
         return None
     return SummaryWriter(str(path))
 

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-dtype", choices=[*STORE_DTYPES, "auto"], default="auto",
                    help="dtype of stored latents/text (auto: bfloat16 latents, float16 pixels)")
     p.add_argument("--device", default="auto", help="device for the VAE / text encoder (auto = cuda if available)")
-    p.add_argument("--compute-dtype", choices=list(STORE_DTYPES), default="float32", help="dtype the encoders run in")
+    p.add_argument("--compute-dtype", choices=[*STORE_DTYPES, "auto"], default="auto",
+                   help="dtype the encoders run in (auto, as Wan: VAE float32; umT5 bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--samples-per-shard", type=int, default=16,
                    help="samples per shard file (default 16; an interruption loses at most the unflushed ones)")
     p.add_argument("--num-workers", type=int, default=0, help="decode in this many worker processes (0 = in the main one)")
@@ -152,14 +153,17 @@ def _device(name: str) -> torch.device:
 
 def make_encoders(args: argparse.Namespace) -> tuple[Callable, Callable, dict[str, Any]]:
     """(encode_frames, encode_text, dataset metadata) for the chosen encodings."""
-    device, compute = _device(args.device), STORE_DTYPES[args.compute_dtype]
+    device = _device(args.device)
+    auto = args.compute_dtype == "auto"
+    vae_dtype = torch.float32 if auto else STORE_DTYPES[args.compute_dtype]
+    text_dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if auto else STORE_DTYPES[args.compute_dtype]
     meta: dict[str, Any] = {"producer": PRODUCER, "size": list(args.size), "num_frames": args.num_frames,
                             "fps": args.fps}
     if args.vae:
         from apt_core.models.wan_vae import load_wan_vae
 
         store = STORE_DTYPES["bfloat16" if args.store_dtype == "auto" else args.store_dtype]
-        vae = load_wan_vae(args.vae, device=device, dtype=compute)
+        vae = load_wan_vae(args.vae, device=device, dtype=vae_dtype)
         c = vae.config
         meta.update(space="latent", vae=Path(args.vae).name, latent_channels=c.z_dim,
                     latent_norm=None if c.latent_mean is None else {"mean": list(c.latent_mean), "std": list(c.latent_std)})
@@ -176,7 +180,7 @@ def make_encoders(args: argparse.Namespace) -> tuple[Callable, Callable, dict[st
     if args.text_encoder:
         from apt_core.models.t5 import T5Tokenizer, TextEncoder, load_t5_encoder
 
-        text = TextEncoder(load_t5_encoder(args.text_encoder, device=device, dtype=compute),
+        text = TextEncoder(load_t5_encoder(args.text_encoder, device=device, dtype=text_dtype),
                            T5Tokenizer(args.tokenizer, args.text_len))
         meta.update(text_encoder=Path(args.text_encoder).name, tokenizer=Path(args.tokenizer).name,
                     text_dim=text.model.config.dim)

@@ -235,13 +235,14 @@ def load_t5_encoder(path: str | os.PathLike, device: torch.device | str = "cpu",
                          f"(e.g. umt5_xxl_fp16.safetensors or the official models_t5_umt5-xxl-enc-bf16.pth converted)")
     sd = {k: v for k, v in wan_t5_keys(sd).items() if not k.startswith("decoder.")}
     config = config or infer_t5_config(sd)
-    model = T5Encoder(config)
+    with torch.device("meta"):  # no random init of billions of weights that are replaced at once
+        model = T5Encoder(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected, mismatched = compare_shapes(expected, {k: tuple(v.shape) for k, v in sd.items()})
     if missing or unexpected or mismatched:
         raise ValueError(f"text encoder weights in {path} do not fit a umT5 encoder {config}: "
                          f"{describe_mismatch(missing, unexpected, mismatched)}")
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -251,7 +252,14 @@ def load_t5_encoder(path: str | os.PathLike, device: torch.device | str = "cpu",
 
 
 def clean_caption(text: str) -> str:
-    """Wan's `clean='whitespace'`: HTML entities unescaped, runs of whitespace collapsed, stripped."""
+    """Wan's `clean='whitespace'`: ftfy.fix_text (if ftfy is installed), HTML entities unescaped, runs of
+    whitespace collapsed, stripped."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:  # optional: it only repairs mojibake, which clean captions do not have
+        pass
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 

@@ -255,7 +255,7 @@ class WanVAEEncoder(nn.Module):
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames [F, H, W, 3] (apt_core.media) -> normalised latent [z_dim, F', h, w] in float32."""
         p = next(self.parameters())
-        x = frames.to(p.device).permute(3, 0, 1, 2)[None].to(p.dtype).div(127.5).sub(1.0)
+        x = frames.to(p.device).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0).to(p.dtype)
         return self.encode(x)[0].float().cpu()
 
 
@@ -318,12 +318,13 @@ def load_wan_vae(path: str | os.PathLike, device: torch.device | str = "cpu", dt
 
     sd = encoder_state_dict(load_state_dict_file(path, dtype=dtype))
     config = config or infer_vae_config(sd)
-    model = WanVAEEncoder(config)
+    with torch.device("meta"):  # no random init of billions of weights that are replaced at once
+        model = WanVAEEncoder(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, unexpected, mismatched = compare_shapes(expected, {k: tuple(v.shape) for k, v in sd.items()})
     if missing or unexpected or mismatched:
         raise ValueError(f"VAE weights in {path} do not fit a Wan 2.1 VAE encoder {config}: "
                          f"{describe_mismatch(missing, unexpected, mismatched)}; expected the Wan 2.1 VAE "
                          f"(wan_2.1_vae.safetensors / Wan2.1_VAE.pth converted), keys encoder.* and conv1.*")
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -163,6 +163,17 @@ def test_vae_module_tree_follows_wan_keys():
         (8, 16, (1, 2, 4, 4), 2, (False, True, True))
 
 
+def test_full_size_configs_match_public_wan_layout():
+    """Default configs = Wan 2.1's VAE (dim 96) and umT5-XXL encoders: tensor counts and parameter totals as
+    built by wan/modules/vae.py (WanVAE_ minus decoder/conv2) and t5.py (umt5_xxl encoder) at Wan2.1@9737cba."""
+    with torch.device("meta"):
+        vae, t5 = WanVAEEncoder(), T5Encoder()
+    assert len(vae.state_dict()) == 86 and sum(p.numel() for p in vae.parameters()) == 53_596_928
+    assert len(t5.state_dict()) == 242 and sum(p.numel() for p in t5.parameters()) == 5_680_910_336
+    assert tuple(vae.state_dict()["encoder.downsamples.8.time_conv.weight"].shape) == (384, 384, 3, 1, 1)
+    assert tuple(t5.state_dict()["blocks.23.pos_embedding.embedding.weight"].shape) == (32, 64)
+
+
 @pytest.mark.parametrize("frames", [1, 5, 9])
 def test_vae_encode_shape_chunked_and_causal(frames):
     """F frames -> 1 + (F-1)/4 latent frames, H/8, W/8, 16 channels; the chunked (memory-bounded) encode equals

@@ -1,0 +1,92 @@
+"""What a cluster user sees: a start banner, 'checkpoint saved' lines, one progress line per log
+interval when the output is not a terminal, learning rate (with warmup) / samples/s / peak memory in
+metrics.jsonl, TensorBoard scalars and validation images, and no config that turns TensorBoard on
+without it being a default dependency. In-process 1-process runs of the tiny config."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from bench.trainer_scaling import write_synthetic_shards
+from training.config import load_config, tomllib
+from training.distributed import destroy
+from training.loop import train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def run(monkeypatch, tmp_path_factory):
+    data = write_synthetic_shards(tmp_path_factory.mktemp("shards") / "tiny", num=8)
+
+    def go(run_dir: Path, *overrides: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(k, v)
+        cfg = load_config(ROOT / "configs/tiny_cpu.toml", [f"--run.dir={run_dir}", f"--data.path={data}",
+                                                           "--monitor.val_every=0", *overrides])
+        try:
+            result = train(cfg)
+        finally:
+            destroy()
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return result, [r for r in lines if "event" not in r], [r for r in lines if "event" in r]
+
+    return go
+
+
+def test_non_tty_output_banner_checkpoint_lines_and_one_line_per_log_interval(run, tmp_path, capsys):
+    # pytest captures stdout/stderr (not terminals): no tqdm bar, one line per flush of 2 steps
+    run(tmp_path / "r", "--monitor.progress=true", "--monitor.log_every=2", "--checkpoint.every=4")
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    progress = [x for x in lines if x.startswith("step ")]
+    assert [x.split()[1] for x in progress] == ["2/8", "4/8", "6/8", "8/8"]
+    assert "[image]" in progress[0] and "[video]" in progress[-1] and "samples_s=" in progress[0]
+    assert lines[0].startswith("[step 0] apt-train apt: run dir ") and "world size 1 (gloo, cpu)" in lines[0]
+    assert "image steps 1-4" in lines[0] and "video steps 5-8" in lines[0] and "fresh start at step 0 of 8" in lines[0]
+    saved = [x for x in lines if "checkpoint saved:" in x]
+    assert len(saved) == 2 and saved[0].endswith("checkpoints/step-4") and saved[1].endswith("checkpoints/step-8")
+    assert "\r" not in err and "it/s" not in err  # no tqdm bar redrawn into a log file
+
+
+def test_metrics_have_lr_with_warmup_samples_per_second_and_peak_memory(run, tmp_path):
+    _, rows, events = run(tmp_path / "r", "--monitor.log_every=2", "--run.warmup_steps=2")
+    base_image, base_video = 1e-4, 5e-5  # tiny_cpu.toml: apt.lr, apt.video.lr
+    lr = {r["step"]: r["lr"] for r in rows}
+    assert lr == pytest.approx({1: base_image / 2, 2: base_image, 3: base_image, 4: base_image,
+                                5: base_video / 2, 6: base_video, 7: base_video, 8: base_video}, rel=1e-6)
+    assert all(r["lr_d"] == r["lr"] for r in rows)  # warmup on both optimisers (same lr here)
+    flushed = [r for r in rows if "it_s" in r]
+    assert [r["step"] for r in flushed] == [2, 4, 6, 8]
+    for r in flushed:
+        assert r["samples_s"] == pytest.approx(r["it_s"] * 2)  # global batch 2 x 1 rank
+        assert 0.05 < r["peak_mem_gib"] < 64  # process peak RSS on CPU
+    assert [e["event"] for e in events][:1] == ["start"]
+
+
+def test_tensorboard_scalars_and_validation_images(run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path / "r", "--monitor.tensorboard=true", "--monitor.log_every=2", "--monitor.val_every=4")
+    acc = EventAccumulator(str(tmp_path / "r/tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"d_loss", "g_loss", "lr", "samples_s", "peak_mem_gib"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("d_loss")] == list(range(1, 9))
+    images = acc.Images("validation/grid")
+    assert [e.step for e in images] == [4, 8] and images[0].width > 0 and images[0].height > 0
+
+
+def test_configs_enable_tensorboard_only_if_the_default_install_has_it():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    default = {d.split(">")[0].split("=")[0].split(";")[0].strip().lower() for d in project["dependencies"]}
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        if tomllib.loads(path.read_text()).get("monitor", {}).get("tensorboard"):
+            assert "tensorboard" in default, f"{path.name} turns TensorBoard on but it is not a default dependency"
