@@ -196,6 +196,8 @@ class MonitorSection:
     log_every: int = opt(10, "host-sync + write the buffered per-step metrics every N steps")
     progress: bool = opt(True, "tqdm bar on rank 0")
     tensorboard: bool = opt(False, "also write TensorBoard events to <run.dir>/tb (needs the tensorboard package)")
+    peak_tflops: float = opt(0.0, "dense bf16 peak TFLOP/s of one device, for the mfu metric; 0 = known GPUs "
+                             "(H100/H200 989, A100 312, B200 2250), no mfu on other devices")
     val_every: int = opt(0, "validation samples every N steps (and at the end); 0 = off")
     val_seeds: list[int] = opt([0, 1, 2, 3], "noise seeds per validation prompt (fixed across the run)")
     val_prompts: str = opt("", "safetensors with `context` [P, L, D] prompt embeddings; '' = the first val_num_prompts samples")
@@ -371,6 +373,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                           "(compiled blocks take PyTorch's dispatcher); set parallel.attention='default' or compile=false")
     if not cfg.distributed.timeout_s > 0:
         raise ConfigError(f"distributed.timeout_s must be > 0 seconds, got {cfg.distributed.timeout_s}")
+    if cfg.monitor.peak_tflops < 0:
+        raise ConfigError(f"monitor.peak_tflops must be >= 0, got {cfg.monitor.peak_tflops}")
     if cfg.run.warmup_steps < 0:
         raise ConfigError(f"run.warmup_steps must be >= 0, got {cfg.run.warmup_steps}")
     if len(cfg.teacher.betas) != 2:

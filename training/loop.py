@@ -34,15 +34,22 @@ from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState,
 from training.config import ConfigError, RunConfig, dumps, load_config, save_config, to_dict
 from training.data import Batch, BucketedLoader, ShardDataset
 from training.export import export_files, export_generator, read_export_info
-from training.monitor import CollapseDetector, MetricsLogger, Validator, nonfinite_metrics
+from training.monitor import (
+    CollapseDetector,
+    MetricsLogger,
+    Validator,
+    count_flops,
+    nonfinite_metrics,
+    peak_tflops,
+)
 from training.parallelize import autocast_dtype, parallelize, reshard
 from training.runlock import run_lock
+from training.stop import StopRequest
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
-from training.stop import StopRequest
 
 
 @dataclass
@@ -640,6 +647,7 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
     stage: Stage = STAGES[cfg.run.stage](cfg, world, config)
     logger = MetricsLogger(run_dir, world, phases[-1].end, cfg.monitor.log_every, cfg.monitor.progress and not export_only,
                            cfg.monitor.tensorboard, start_step=step)
+    logger.peak_tflops = peak_tflops(world.device, cfg.monitor.peak_tflops)
     detector = CollapseDetector(cfg.monitor.collapse_window, cfg.monitor.d_loss_floor, cfg.monitor.diversity_threshold)
     result: dict[str, Any] = {"world_size": world.world_size, "resumed_from": str(start_path) if start_path else None}
     logger.event(step, "start", start_banner(cfg, world, phases, step, start_path), world_size=world.world_size,
@@ -671,9 +679,17 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
         validator = make_validator(cfg, world, dataset, run_dir)
         batches = _batches(loader, world.device)
         logger.restart_clock(step)
+        first_step = step
         while step < phase.end:
             lrs = stage.set_lr(step)
-            metrics = stage.step(step, next(batches)) | lrs
+            batch = next(batches)
+            if logger.peak_tflops and step == first_step:  # MFU: count the FLOPs of the phase's first step
+                metrics, flops = count_flops(stage.step, step, batch)
+                flops_t = torch.tensor(flops, dtype=torch.float64, device=world.device if world.backend == "nccl" else "cpu")
+                logger.step_flops = float(D.all_reduce_mean(flops_t))
+            else:
+                metrics = stage.step(step, batch)
+            metrics |= lrs
             step += 1
             rows = logger.log(step, metrics, phase.name)
             if rows:
@@ -689,7 +705,7 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
             if saved:
                 save(step, phase)
             reason = stop.agreed(world)  # collective: every rank stops after the same step
-            if reason:
+            if reason and step < phases[-1].end:  # (at the very end the run just finishes)
                 path = None if saved else save(step, phase)
                 logger.event(step, "stopped", f"{reason}: stopped at step {step} with a checkpoint saved; "
                              "run the same command again to resume", reason=reason,

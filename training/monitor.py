@@ -63,6 +63,8 @@ class MetricsLogger:
         self.bar = self.tb = None
         self.total_steps = total_steps
         self.global_batch = 0  # samples per optimiser step (set by the loop per phase): samples_s
+        self.step_flops = 0.0  # FLOPs of one optimiser step on one rank (counted by the loop): mfu
+        self.peak_tflops = 0.0  # one device's dense peak (peak_tflops()); 0 = no mfu
         self.rows: list[dict[str, Any]] = []  # the rows written by the last flush
         # console output (rank 0, monitor.progress): a tqdm bar on a terminal, else one line per flush
         self.lines = progress and world.is_main and not sys.stderr.isatty()
@@ -122,6 +124,8 @@ class MetricsLogger:
         if self.global_batch:
             rows[-1]["samples_s"] = it_s * self.global_batch
         rows[-1]["peak_mem_gib"] = _peak_memory_gib(self.world)
+        if self.step_flops and self.peak_tflops:
+            rows[-1]["mfu"] = self.step_flops * it_s / (self.peak_tflops * 1e12)
         self._buffer = []
         self.rows = rows
         if self.world.is_main:
@@ -199,6 +203,30 @@ def _peak_memory_gib(world: World) -> float:
     if torch.distributed.is_initialized() and world.world_size > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t.item())
+
+
+# Dense bf16 peak TFLOP/s by GPU name (substring), for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_tflops(device: torch.device, configured: float = 0.0) -> float:
+    """One device's dense peak for MFU: the configured value, else a known GPU's, else 0 (no mfu)."""
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), 0.0)
+
+
+def count_flops(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """`fn(*args)` under torch.utils.flop_counter (matmuls, convolutions, attention); returns (result, FLOPs).
+    Counts what runs, so recomputed forwards (activation checkpointing) are included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args)
+    return out, float(counter.get_total_flops())
 
 
 _TB_MISSING_WARNED = False

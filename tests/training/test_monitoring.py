@@ -69,16 +69,26 @@ def test_metrics_have_lr_with_warmup_samples_per_second_and_peak_memory(run, tmp
         assert r["samples_s"] == pytest.approx(r["it_s"] * 2)  # global batch 2 x 1 rank
         assert 0.05 < r["peak_mem_gib"] < 64  # process peak RSS on CPU
     assert [e["event"] for e in events][:1] == ["start"]
+    assert not any("mfu" in r for r in rows)  # CPU without monitor.peak_tflops: no MFU
+
+
+def test_mfu_from_the_counted_flops_of_a_step(run, tmp_path):
+    # MFU is reported on known GPUs; a configured peak turns it on anywhere (here 1 GFLOP/s)
+    _, rows, _ = run(tmp_path / "r", "--monitor.log_every=2", "--monitor.peak_tflops=0.001")
+    flushed = [r for r in rows if "it_s" in r]
+    flops = [r["mfu"] * 1e9 / r["it_s"] for r in flushed]  # = counted FLOPs of one step on one rank
+    assert flops[0] > 1e6 and flops == pytest.approx([flops[0]] * 4, rel=1e-9)  # same shapes in both phases
 
 
 def test_tensorboard_scalars_and_validation_images(run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run(tmp_path / "r", "--monitor.tensorboard=true", "--monitor.log_every=2", "--monitor.val_every=4")
+    run(tmp_path / "r", "--monitor.tensorboard=true", "--monitor.log_every=2", "--monitor.val_every=4",
+        "--monitor.peak_tflops=0.001")
     acc = EventAccumulator(str(tmp_path / "r/tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"d_loss", "g_loss", "lr", "samples_s", "peak_mem_gib"} <= set(tags["scalars"])
+    assert {"d_loss", "g_loss", "lr", "samples_s", "peak_mem_gib", "mfu"} <= set(tags["scalars"])
     assert [e.step for e in acc.Scalars("d_loss")] == list(range(1, 9))
     images = acc.Images("validation/grid")
     assert [e.step for e in images] == [4, 8] and images[0].width > 0 and images[0].height > 0
