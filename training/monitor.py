@@ -66,8 +66,9 @@ class MetricsLogger:
         self.step_flops = 0.0  # FLOPs of one optimiser step on one rank (counted by the loop): mfu
         self.peak_tflops = 0.0  # one device's dense peak (peak_tflops()); 0 = no mfu
         self.rows: list[dict[str, Any]] = []  # the rows written by the last flush
-        # console output (rank 0, monitor.progress): a tqdm bar on a terminal, else one line per flush
-        self.lines = progress and world.is_main and not sys.stderr.isatty()
+        # console output (rank 0, monitor.progress): a tqdm bar (stderr) when stdout and stderr are a
+        # terminal, else one line per flush on stdout (log files get no bar redraws)
+        self.lines = progress and world.is_main and not (sys.stdout.isatty() and sys.stderr.isatty())
         self.verbose = progress and world.is_main
         if world.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
