@@ -52,7 +52,7 @@ class RunSection:
 class ModelSection:
     """The Wan DiT being trained."""
 
-    preset: str = opt("tiny", "apt_core.models.wan preset (tiny, small, wan2.1-t2v-1.3b, ...) for models built from scratch")
+    preset: str = opt("tiny", "a preset of a registered model family (apt_core.models.registry: tiny, tiny-ti2v, wan2.1-t2v-1.3b, wan2.2-ti2v-5b, ...) for models built from scratch")
     init_from: str = opt("", "safetensors in Wan keys (ComfyUI prefixes ok): the ORIGINAL diffusion weights; '' = seeded init")
     in_dim: int = opt(0, "override the preset's latent channels (3 for pixel models); 0 = preset's")
     lora_rank: int = opt(0, "train LoRA adapters of this rank on the generator instead of all weights; 0 = full fine-tune")

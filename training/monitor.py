@@ -26,15 +26,6 @@ import torch
 from apt_core.fileio import atomic_path
 from training.distributed import World, all_reduce_mean
 
-# ComfyUI's Wan 2.1 latent -> RGB preview projection (latent_formats.Wan21): rgb = latent^T W + b.
-WAN21_LATENT_RGB = [
-    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
-    [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
-    [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
-    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
-]
-WAN21_LATENT_RGB_BIAS = [-0.1835, -0.0868, -0.3360]
-
 
 def _to_local(v: torch.Tensor) -> torch.Tensor:
     """A metric as a plain 0-d fp32 tensor (DTensor metrics, e.g. FSDP grad norms, are gathered: collective)."""
@@ -66,8 +57,9 @@ class MetricsLogger:
         self.step_flops = 0.0  # FLOPs of one optimiser step on one rank (counted by the loop): mfu
         self.peak_tflops = 0.0  # one device's dense peak (peak_tflops()); 0 = no mfu
         self.rows: list[dict[str, Any]] = []  # the rows written by the last flush
-        # console output (rank 0, monitor.progress): a tqdm bar on a terminal, else one line per flush
-        self.lines = progress and world.is_main and not sys.stderr.isatty()
+        # console output (rank 0, monitor.progress): a tqdm bar (stderr) when stdout and stderr are a
+        # terminal, else one line per flush on stdout (log files get no bar redraws)
+        self.lines = progress and world.is_main and not (sys.stdout.isatty() and sys.stderr.isatty())
         self.verbose = progress and world.is_main
         if world.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,12 +294,15 @@ def pairwise_distance(x: torch.Tensor) -> float:
 
 
 def preview_rgb(x: torch.Tensor, upscale: int = 8) -> np.ndarray:
-    """[C, F, H, W] -> uint8 frames [F, H*up, W*up, 3]: Wan latents through ComfyUI's fixed 16->3
-    projection, pixels ([-1, 1], C = 3) directly, other channel counts by their first 3 channels."""
+    """[C, F, H, W] -> uint8 frames [F, H*up, W*up, 3]: latents of a registered model family through
+    its fixed C->3 projection (ComfyUI's), pixels ([-1, 1], C = 3) directly, other counts by their first 3 channels."""
+    from apt_core.models.registry import family_for_latent_channels
+
     x = x.detach().float().cpu()
     c = x.shape[0]
-    if c == 16:
-        w, b = torch.tensor(WAN21_LATENT_RGB), torch.tensor(WAN21_LATENT_RGB_BIAS)
+    fam = family_for_latent_channels(c) if c != 3 else None
+    if fam is not None and fam.latent_rgb:
+        w, b = torch.tensor(fam.latent_rgb), torch.tensor(fam.latent_rgb_bias)
         rgb = torch.einsum("cfhw,cr->frhw", x, w) + b[None, :, None, None]
     elif c >= 3:
         rgb = x[:3].permute(1, 0, 2, 3)
