@@ -193,6 +193,7 @@ class ExportSection:
 
     final: bool = opt(True, "export the (EMA) generator when the run ends")
     dtype: str = opt("bf16", "dtype of exported tensors", ("bf16", "fp16", "fp32"))
+    overwrite: bool = opt(False, "replace existing export files (also --overwrite); off: a run refuses at start")
 
 
 @dataclass

@@ -5,8 +5,15 @@ without it being a default dependency. In-process 1-process runs of the tiny con
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import socket
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -54,6 +61,46 @@ def test_non_tty_output_banner_checkpoint_lines_and_one_line_per_log_interval(ru
     saved = [x for x in lines if "checkpoint saved:" in x]
     assert len(saved) == 2 and saved[0].endswith("checkpoints/step-4") and saved[1].endswith("checkpoints/step-8")
     assert "\r" not in err and "it/s" not in err  # no tqdm bar redrawn into a log file
+
+
+def _run_on_terminal(tmp_path: Path, name: str, stdout_is_terminal: bool) -> tuple[str, str]:
+    """`python -m training` with stderr (and stdout, if asked) on a 120-column pseudo-terminal: (terminal, pipe)."""
+    data = tmp_path / "shards"
+    if not data.exists():
+        write_synthetic_shards(data, num=8)
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "training", "--config", str(ROOT / "configs/tiny_cpu.toml"), f"--run.dir={tmp_path / name}",
+           f"--data.path={data}", "--monitor.val_every=0", "--monitor.progress=true", "--apt.video.steps=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=secondary if stdout_is_terminal else subprocess.PIPE,
+                            stderr=secondary)
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(primary)
+    piped = proc.stdout.read().decode() if proc.stdout else ""
+    assert proc.wait(timeout=120) == 0, out[-2000:]
+    return out.decode(errors="replace"), piped
+
+
+def test_terminal_gets_a_tqdm_bar_and_redirected_stdout_gets_lines(tmp_path):
+    terminal, _ = _run_on_terminal(tmp_path, "tty", stdout_is_terminal=True)
+    assert "apt-train tty:" in terminal and "4/4" in terminal  # the tqdm bar
+    assert not any(x.startswith("step 2/4") for x in terminal.splitlines())
+    # `apt-train ... > log` from a terminal: the log gets one line per flush, the terminal no bar
+    terminal, piped = _run_on_terminal(tmp_path, "log", stdout_is_terminal=False)
+    assert [x.split()[1] for x in piped.splitlines() if x.startswith("step ")] == ["2/4", "4/4"]
+    assert "apt-train log:" not in terminal
 
 
 def test_metrics_have_lr_with_warmup_samples_per_second_and_peak_memory(run, tmp_path):
