@@ -44,15 +44,33 @@ def _changed(module, before):
     return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
 
 
-def test_make_rmsprop_is_adam_with_zero_momentum():
+def test_make_rmsprop_is_rmsprop_with_alpha_0_9():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
     opt = make_rmsprop([p], lr=0.1)
-    g = opt.param_groups[0]
-    assert g["betas"] == (0.0, 0.9) and g["weight_decay"] == 0.0 and g["eps"] == 1e-8
-    p.grad = torch.tensor([0.5, -4.0, 0.0])
-    opt.step()
-    # first step: v_hat = g^2, so the update is lr * g / (|g| + eps)
-    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
+    grads = [torch.tensor([0.5, -4.0, 0.0]), torch.tensor([1.0, 2.0, -3.0])]
+    v, want = torch.zeros(3), p.detach().clone()
+    for g in grads:  # v = 0.9 v + 0.1 g^2; p -= lr g / (sqrt(v) + eps): no momentum, no bias correction
+        v = 0.9 * v + 0.1 * g**2
+        want -= 0.1 * g / (v.sqrt() + 1e-8)
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), want)
+    torch.testing.assert_close(want[:2], torch.tensor([1.0, -2.0]) - 0.1 / 0.1**0.5 * torch.tensor([1.0, -1.0])
+                               - 0.1 * grads[1][:2] / (0.9 * 0.1 * grads[0][:2] ** 2 + 0.1 * grads[1][:2] ** 2).sqrt())
+
+
+def test_rmsprop_state_is_one_fp32_copy_of_the_trainable_params():
+    """No Adam first moment (exp_avg): the state is `square_avg` (one fp32 tensor per param) and a step count."""
+    tr = _setup()
+    x, c, noise = _data()
+    tr.d_step(x, c, **noise)
+    tr.g_step(c, **noise)
+    for opt, module in ((tr.opt_d, tr.discriminator), (tr.opt_g, tr.generator)):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        assert len(opt.state) == len(trainable)
+        assert all(set(s) == {"step", "square_avg"} for s in opt.state.values())
+        state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+        assert state_bytes == sum(p.numel() * 4 for p in trainable)
 
 
 def test_config_validation_names_the_value():
