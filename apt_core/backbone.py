@@ -133,6 +133,10 @@ class WanFlowModel(WanModel):
         """Width of the tapped hidden states."""
         return self.config.dim
 
+    def token_grid(self, x_shape: Sequence[int]) -> tuple[int, int, int]:
+        """(F, H, W) of the token grid for an input of shape [B, C, F, H, W] (its sizes over the patch size)."""
+        return token_grid(x_shape, self.config.patch_size)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:  # type: ignore[override]
         """Velocity at flow time t [B] in [0, 1]."""
         return super().forward(x_t, t * self.timestep_scale, _context(cond))
@@ -140,6 +144,14 @@ class WanFlowModel(WanModel):
     def features(self, x: torch.Tensor, t: torch.Tensor, cond: Any, layers: Sequence[int]) -> list[torch.Tensor]:
         """Hidden states [B, tokens, dim] after the 0-based blocks `layers` (runs only as deep as needed)."""
         return self.forward_features(x, t * self.timestep_scale, _context(cond), layers)
+
+
+def token_grid(x_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """(F, H, W) after patching [B, C, F, H, W] with `patch_size` (tokens are F-major, then H, then W)."""
+    if len(x_shape) != 5:
+        raise ValueError(f"x must be [B, C, F, H, W] (rank 5), got shape {tuple(x_shape)}")
+    f, h, w = (int(n) // int(p) for n, p in zip(x_shape[2:], patch_size))
+    return f, h, w
 
 
 def build_flow_model(config: WanConfig | str, device: torch.device | str | None = None, **overrides) -> WanFlowModel:

@@ -12,6 +12,7 @@ Logits are D's raw outputs [B] (one per sample). Every term returns a 0-d tensor
   `E_n L_aR1 ~= sigma^2 ||grad_x D(x)||^2`, i.e. the exact R1 penalty times sigma^2. The paper does
   NOT divide by sigma^2, so its lambda = 100 with sigma = 0.01 (images) / 0.1 (video) is an exact-R1
   weight of lambda * sigma^2; we keep the paper's semantics. The same term on fakes is "R2".
+- Hinge (Lim & Ye 2017; SF-V): `L_D = relu(1 - D(x)) + relu(1 + D(G(z)))`, `L_G = -D(G(z))`.
 - Exact R1 (Mescheder et al. 2018): `||grad_x D(x)||^2` by double backward, the reference aR1
   approximates (it needs create_graph, so it does not mix with FSDP / fused attention kernels).
 """
@@ -56,6 +57,21 @@ def g_loss_relativistic(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Relativistic pairing G loss `mean softplus(-(D(G(z)) - D(x)))` (pairs share index)."""
     _check_pairs(real, fake)
     return F.softplus(-(fake.float() - real.float())).mean()
+
+
+def d_loss_hinge(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Hinge D loss (SF-V) `mean relu(1 - D(x)) + mean relu(1 + D(G(z)))`."""
+    return F.relu(1 - real.float()).mean() + d_loss_hinge_fake(fake)
+
+
+def d_loss_hinge_fake(fake: torch.Tensor) -> torch.Tensor:
+    """The fake half of the hinge D loss, `mean relu(1 + D(G(z)))`."""
+    return F.relu(1 + fake.float()).mean()
+
+
+def g_loss_hinge(fake: torch.Tensor) -> torch.Tensor:
+    """Hinge G loss (SF-V) `-mean D(G(z))`."""
+    return -fake.float().mean()
 
 
 def _check_pairs(real: torch.Tensor, fake: torch.Tensor) -> None:

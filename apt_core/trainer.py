@@ -21,9 +21,10 @@ import torch.nn as nn
 from apt_core import losses
 from apt_core.backbone import cat_cond, index_cond, repeat_cond, unwrap
 from apt_core.distill import cd_grid, consistency_loss, sample_step_index
-from apt_core.flow import generate_one_step, sample_timesteps
+from apt_core.flow import add_noise, generate_one_step, sample_timesteps
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSSES = ("nonsaturating", "relativistic", "hinge")
 
 
 def make_rmsprop(params: Iterable[nn.Parameter], lr: float, alpha: float = 0.9, eps: float = 1e-8) -> torch.optim.RMSprop:
@@ -49,12 +50,13 @@ class APTConfig:
     """Stage-2 settings. Defaults = APT images; video: r1_sigma 0.1, d_timestep_shift 12.
 
     AAPT variant: loss "relativistic", r2 True, r1_lambda = r2_lambda = 1000, r1_sigma 0.1.
+    SF-V (with apt_core.sfv.SFVDiscriminator): loss "hinge", r1_mode "exact".
     r1_sigma is the STD of the R1 perturbation; the penalty is not divided by sigma^2 (paper).
     r1_mode "exact" (double backward, the reference) weighs `||grad_x D||^2` by
     `r1_lambda * r1_sigma**2`, the scale the approximation has, so the two are interchangeable.
     """
 
-    loss: str = "nonsaturating"  # "nonsaturating" (APT) | "relativistic" (AAPT)
+    loss: str = "nonsaturating"  # "nonsaturating" (APT) | "relativistic" (AAPT) | "hinge" (SF-V)
     r1_lambda: float = 100.0
     r1_sigma: float = 0.01
     r1_mode: str = "approx"  # "approx" (APT eq. 5, one batched forward) | "exact"
@@ -69,7 +71,7 @@ class APTConfig:
     autocast_dtype: str | None = None  # None | "bf16" | "fp16"
 
     def __post_init__(self) -> None:
-        _check_choice("loss", self.loss, ("nonsaturating", "relativistic"))
+        _check_choice("loss", self.loss, LOSSES)
         _check_choice("r1_mode", self.r1_mode, ("approx", "exact"))
         _check_choice("autocast_dtype", self.autocast_dtype, tuple(AMP_DTYPES))
         if self.r1_lambda < 0 or self.r2_lambda < 0 or self.r1_sigma <= 0 or self.mismatch_weight < 0:
@@ -204,13 +206,17 @@ class APTTrainer:
                 "parameters FSDP has already resharded; use r1_mode='approx' (APT's) or an unsharded D"
             )
         self._latent_shape: tuple[int, ...] | None = None
+        # SF-V's D (frozen backbone) sees noised inputs: x_t at its own t, for real and fake alike
+        self._noised = bool(getattr(unwrap(discriminator), "noised_inputs", False))
 
     def generate(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
         """One-step generator output `z - v(z, 1, c)`."""
         return generate_one_step(self.generator, z, cond)
 
     def sample_t(self, n: int, device: torch.device) -> torch.Tensor:
-        """D's timestep ensemble: t ~ shift(U(0, 1), d_timestep_shift), [n]."""
+        """D's timestep ensemble: t ~ shift(U(0, 1), d_timestep_shift), [n] (SF-V's D: its own noise levels)."""
+        if self._noised:
+            return unwrap(self.discriminator).sample_t(n, device=device)
         return sample_timesteps(n, "shifted", shift=self.config.d_timestep_shift, device=device)
 
     def d_step(
@@ -221,6 +227,8 @@ class APTTrainer:
         t_d: torch.Tensor | None = None,
         r1_noise: torch.Tensor | None = None,
         r2_noise: torch.Tensor | None = None,
+        noise_real: torch.Tensor | None = None,
+        noise_fake: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One D update: adversarial loss + R1 (+ R2); G runs under no_grad and is not touched.
 
@@ -229,6 +237,8 @@ class APTTrainer:
         under another sample's caption (a mismatched pair, counted as fake): real i gets caption
         i + 1 mod B of the WHOLE batch, rolled before micro-batching, so a micro batch of one still
         sees a foreign caption and every grad_accum gives the same pairs.
+        A noised-input D (SF-V) scores `x_t = (1 - t) x + t eps` (eps: noise_real / noise_fake) instead of
+        x, so R1 / R2 are taken at that input.
         """
         cfg, D = self.config, self.discriminator
         b, dev = x_real.shape[0], x_real.device
@@ -241,7 +251,10 @@ class APTTrainer:
             r1_noise = torch.randn_like(x_real)
         if cfg.r2 and r2_noise is None:
             r2_noise = torch.randn_like(x_real)
-        _check_shapes(x_real, z=z, r1_noise=r1_noise, r2_noise=r2_noise)
+        if self._noised:
+            noise_real = torch.randn_like(x_real) if noise_real is None else noise_real
+            noise_fake = torch.randn_like(x_real) if noise_fake is None else noise_fake
+        _check_shapes(x_real, z=z, r1_noise=r1_noise, r2_noise=r2_noise, noise_real=noise_real, noise_fake=noise_fake)
         if t_d.shape != (b,):
             raise ValueError(f"t_d must be [B={b}], got shape {tuple(t_d.shape)}")
         mis_cond = index_cond(cond, (torch.arange(b, device=dev) + 1) % b) if mismatch else None  # caption i+1
@@ -252,6 +265,8 @@ class APTTrainer:
             real, c, t = x_real[sl], index_cond(cond, sl), t_d[sl]
             with torch.no_grad(), autocast_context(dev, cfg.autocast_dtype):
                 fake = self.generate(z[sl], c).to(real.dtype)
+            if self._noised:  # SF-V: D sees x_t at its t, real and fake alike
+                real, fake = _noised_input(real, t, noise_real[sl]), _noised_input(fake, t, noise_fake[sl])
             xs = [real, fake]
             if use_r1 and cfg.r1_mode == "approx":
                 xs.append(losses.perturb(real, cfg.r1_sigma, r1_noise[sl]))
@@ -271,12 +286,15 @@ class APTTrainer:
             l_real, l_fake = logits[0], logits[1]
             if cfg.loss == "relativistic":
                 adv = losses.d_loss_relativistic(l_real, l_fake)
+            elif cfg.loss == "hinge":
+                adv = losses.d_loss_hinge(l_real, l_fake)
             else:
                 adv = losses.d_loss_nonsaturating(l_real, l_fake)
             loss, extra = adv, {}
             if mismatch:
                 l_mis = logits[k]
                 extra["d_mismatch"] = (losses.d_loss_relativistic(l_real, l_mis) if cfg.loss == "relativistic"
+                                       else losses.d_loss_hinge_fake(l_mis) if cfg.loss == "hinge"
                                        else losses.d_loss_fake(l_mis))
                 loss = loss + cfg.mismatch_weight * extra["d_mismatch"]
             if use_r1 and cfg.r1_mode == "approx":
@@ -310,11 +328,14 @@ class APTTrainer:
         z: torch.Tensor | None = None,
         t_d: torch.Tensor | None = None,
         x_real: torch.Tensor | None = None,
+        noise_fake: torch.Tensor | None = None,
+        noise_real: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One G update against a fixed D (D's params are frozen for the step); then EMA update.
 
         `x_real` is needed by the relativistic loss only (D(x) is paired with D(G(z))). z's shape
-        defaults to x_real's, else to the last d_step's real batch.
+        defaults to x_real's, else to the last d_step's real batch. A noised-input D (SF-V) scores
+        `(1 - t) G(z) + t noise_fake` (and the real sample noised with noise_real).
         """
         cfg, D = self.config, self.discriminator
         relativistic = cfg.loss == "relativistic"
@@ -332,6 +353,10 @@ class APTTrainer:
             raise ValueError(f"t_d must be [B={b}], got shape {tuple(t_d.shape)}")
         if x_real is not None:
             _check_shapes(z, x_real=x_real)
+        if self._noised:
+            noise_fake = torch.randn_like(z) if noise_fake is None else noise_fake
+            noise_real = torch.randn_like(z) if noise_real is None and x_real is not None else noise_real
+            _check_shapes(z, noise_fake=noise_fake, noise_real=noise_real)
 
         self.opt_g.zero_grad(set_to_none=True)
         mean = _Mean(cfg.grad_accum)
@@ -340,11 +365,15 @@ class APTTrainer:
                 c, t = index_cond(cond, sl), t_d[sl]
                 with autocast_context(dev, cfg.autocast_dtype):
                     fake = self.generate(z[sl], c)
-                    l_fake = D(fake, c, t)
+                    d_in = _noised_input(fake, t, noise_fake[sl]) if self._noised else fake
+                    l_fake = D(d_in, c, t)
                     if relativistic:
+                        real = x_real[sl].to(fake.dtype)
                         with torch.no_grad():
-                            l_real = D(x_real[sl].to(fake.dtype), c, t)
+                            l_real = D(_noised_input(real, t, noise_real[sl]) if self._noised else real, c, t)
                         loss = losses.g_loss_relativistic(l_real, l_fake)
+                    elif cfg.loss == "hinge":
+                        loss = losses.g_loss_hinge(l_fake)
                     else:
                         loss = losses.g_loss_nonsaturating(l_fake)
                 (loss / cfg.grad_accum).backward()
@@ -355,6 +384,11 @@ class APTTrainer:
         if self.ema is not None:
             self.ema.update(self.generator)
         return metrics
+
+
+def _noised_input(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """`(1 - t) x + t eps` (the input of a noised-input discriminator; t stays fp32)."""
+    return add_noise(x, eps.to(x.dtype), t)
 
 
 def _check_shapes(ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:

@@ -6,7 +6,8 @@ stored baseline (`bench/baseline_cpu.json`, or `baseline_gpu.json` on CUDA) with
 exits non-zero on a regression; `--write-baseline` stores the current figures as the new baseline.
 On CPU the checks are side-by-side ratios (they stay stable across machines); on CUDA, MFU.
 
-On a GPU the suite runs the real Wan shapes (inference, then the training iteration, then R1 cost).
+On a GPU the suite runs the real Wan shapes (inference, then the training iteration, then R1 cost,
+then the D step of APT's discriminator vs SF-V's).
 `--rehearse` runs those same GPU code paths on CPU at stand-in sizes, to find a crash before a
 device session is spent on it (tests/bench runs it in CI).
 """
@@ -26,7 +27,7 @@ import torch
 from apt_core.fileio import atomic_write_text
 from bench.common import RESULTS_ENV, machine_info, write_results
 
-BENCHMARKS = ["inference", "trainer_scaling", "r1_cost"]  # on a GPU: the headline figures first
+BENCHMARKS = ["inference", "trainer_scaling", "r1_cost", "sfv_cost"]  # on a GPU: the headline figures first
 HERE = Path(__file__).resolve().parent
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -172,3 +174,34 @@ def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_info(), "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
     return atomic_write_text(out_dir / f"{name}.json", json.dumps(payload, indent=2))
+
+
+def rss_bytes() -> int:
+    """Current resident set size (Linux /proc/self/status VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status (Linux only)")
+
+
+def spawn_worker(module: str, case: str, variant: str, args: argparse.Namespace, steps: int, must_run: bool,
+                 timeout: float | None) -> dict:
+    """Run `python -m MODULE --worker CASE VARIANT` in a FRESH process (peaks do not leak between variants)
+    and return its `RESULT {json}` line. A failure raises where the case `must_run` (the CPU cases: a
+    bug), else it becomes the row's "error" (a GPU case that ran out of memory or past `timeout`)."""
+    cmd = [sys.executable, "-m", module, "--worker", case, variant,
+           "--device", args.device, "--steps", str(steps), "--threads", str(args.threads)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=timeout)
+    except subprocess.TimeoutExpired as err:  # run() has killed the worker: its GPU memory is free
+        tail = (err.stderr or b"")[-500:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        print(f"worker {case}/{variant} stopped after {timeout} s; its last stderr:\n{tail}", flush=True)
+        return {"case": case, "variant": variant, "error": f"did not finish within {timeout} s (stopped)"}
+    if out.returncode != 0:
+        message = f"worker {case}/{variant} failed (exit {out.returncode}):\n{out.stderr[-2000:]}"
+        if must_run:
+            raise RuntimeError(message)
+        return {"case": case, "variant": variant, "error": message.splitlines()[-1][:300]}
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One prepared GPU session (one H100/H200) for the README's Performance figures, the real Wan shapes
-# in bf16, everything written to $OUT (the device tool brings back at most 8 files; this makes 7):
-#   OUT=/some/dir bash bench/device_run.sh      # at most ~9 minutes; typically ~6
+# in bf16, everything written to $OUT (the device tool brings back at most 8 files; this makes 8):
+#   OUT=/some/dir bash bench/device_run.sh      # at most ~10 minutes (limits: 580 s); typically ~7
 # Each part has its own time limit and rewrites its JSON after every case, so a part that hangs,
 # runs out of memory or hits its limit costs only its own slot. In order of importance:
 #   1. inference        one-step DiT: 1.3B 480p/720p, 14B 720p, SDPA backends and choices   (160 s)
 #   2. trainer_scaling  one APT iteration, 1.3B 480p, FSDP2 + bf16 + AC                     (140 s)
 #   3. r1_cost          D step, aR1 vs exact R1, 1.3B 480p x 1 and x 81 frames              (120 s)
 #   4. inference_compiled  torch.compile of each block, 1.3B 480p: compile time and speed    (80 s)
+#   5. sfv_cost         D step, APT's D vs SF-V's (frozen half), 1.3B 480p x 81 and x 1 frame (80 s)
 # Then the GPU baseline from what finished: $OUT/baseline_gpu.json (copy it to bench/).
 # REHEARSE=1 runs the same parts with --rehearse (stand-in sizes, CPU) and writes no baseline:
 # tests/bench checks the script that way before a device session is spent on it.
@@ -39,6 +40,7 @@ part 160 -m bench.inference --no-cpu
 part 140 -m bench.trainer_scaling
 part 120 -m bench.r1_cost
 part 80 -m bench.inference --only-compiled --name inference_compiled
+part 80 -m bench.sfv_cost
 if [ -z "${REHEARSE:-}" ]; then
     "$PY" -m bench --collect "$OUT" --write-baseline "$OUT/baseline_gpu.json" 2>&1 | tee -a "$LOG"
 else

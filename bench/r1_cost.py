@@ -27,10 +27,8 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -83,20 +81,12 @@ def double_backward_support(device: torch.device | str, dtype: torch.dtype = tor
     return out
 
 
-def _rss_bytes() -> int:
-    """Current resident set size (Linux /proc/self/status VmRSS)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status (Linux only)")
-
-
 def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -> dict:
     """Build G and D, take warm-up + `steps` D steps of one variant; return time and peak memory."""
     from apt_core.backbone import WanCond, build_flow_model
     from apt_core.discriminator import APTDiscriminator
     from apt_core.trainer import APTConfig, APTTrainer, make_rmsprop
-    from bench.common import error_text, tokens_of
+    from bench.common import error_text, rss_bytes, tokens_of
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -123,7 +113,7 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        base = rss_bytes()
     row = {"case": case, "variant": variant, "preset": preset, "shape": [batch, *shape],
            "tokens": tokens_of(gen.config, shape), "dtype": "bf16 autocast" if gpu_path else "float32",
            "activation_checkpointing": gpu_path, "d_forward_batch": batch * (3 if variant == "approx" else 2),
@@ -152,23 +142,10 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
 
 
 def _spawn(case: str, variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "bench.r1_cost", "--worker", case, variant,
-           "--device", args.device, "--steps", str(CASE_STEPS.get(case, args.steps)), "--threads", str(args.threads)]
-    timeout = None if case in CASES else WORKER_TIMEOUT_S
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=timeout)
-    except subprocess.TimeoutExpired as err:  # run() has killed the worker: its GPU memory is free
-        tail = (err.stderr or b"")[-500:]
-        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        print(f"worker {case}/{variant} stopped after {timeout} s; its last stderr:\n{tail}", flush=True)
-        return {"case": case, "variant": variant, "error": f"did not finish within {timeout} s (stopped)"}
-    if out.returncode != 0:
-        message = f"worker {case}/{variant} failed (exit {out.returncode}):\n{out.stderr[-2000:]}"
-        if case in CASES:  # the CPU cases must run: a failure there is a bug
-            raise RuntimeError(message)
-        return {"case": case, "variant": variant, "error": message.splitlines()[-1][:300]}
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    from bench.common import spawn_worker
+
+    return spawn_worker("bench.r1_cost", case, variant, args, CASE_STEPS.get(case, args.steps), must_run=case in CASES,
+                        timeout=None if case in CASES else WORKER_TIMEOUT_S)
 
 
 def _add_ratios(rows: list[dict]) -> None:

@@ -31,8 +31,9 @@ def lora_for_saving(model: Any) -> dict:
         raise ValueError("this generator's weights were fine-tuned in full (lora_rank 0), so there is no LoRA; save it with format=full")
     total = sum(len(v) for v in model.patches.values())
     if total != w.patch_count:
-        raise ValueError(f"this MODEL carries {total - w.patch_count} weight patches that APT did not create (e.g. a LoRA loaded "
-                         "afterwards); a LoRA file would not reproduce it. Save with format=full, or save before adding them.")
+        raise ValueError(f"this MODEL carries {total - w.patch_count} weight patches that APT did not create (a LoRA applied "
+                         "with LoraLoaderModelOnly before or after training); a LoRA file of APT's weights alone would not "
+                         "reproduce it. Save with format=full (all baked into one checkpoint), or save before adding a LoRA after APT.")
     return combine_loras(w.loras)
 
 
@@ -139,13 +140,17 @@ def run_config_from_prompt(prompt: dict, stage: str, init_from: str, data_path: 
         "cd": {"lr": float(cd["lr"]), "grid_steps": int(cd["cd_steps"]), "grid_shift": float(cd["grid_shift"]),
                "cfg_scale": float(cd["cfg"])},
         "apt": {"lr": float(apt["lr"]), "generator_init": generator_init, "r1_lambda": float(apt["r1_lambda"]),
-                "ema_decay": float(apt["ema_decay"]), "disc_mode": disc["mode"], "disc_lora_rank": int(disc["lora_rank"]),
-                "head_layers": parse_layers(disc["head_layers"], 10**6) or [],
+                "ema_decay": float(apt["ema_decay"]), "disc_lora_rank": int(disc["lora_rank"]),
                 "image": {"steps": int(apt["steps"]), "r1_sigma": float(apt["r1_sigma"]),
                           "d_timestep_shift": float(apt["d_timestep_shift"])},
                 "video": {"steps": 0}},
         "monitor": {"val_every": int(apt["val_every"]), "val_seeds": [int(apt["val_seed"]) + i for i in range(2)]},
     }
+    layers = parse_layers(disc["head_layers"], 10**6) or []
+    if disc["mode"] == "sfv":  # the SF-V discriminator, with its hinge loss (R1 stays approximated, as in the node)
+        data["apt"] |= {"disc_kind": "sfv", "loss": "hinge", "sfv": {"head_layers": layers}}
+    else:
+        data["apt"] |= {"disc_mode": disc["mode"], "head_layers": layers}
     if media.get("fps"):
         data["monitor"]["val_fps"] = int(round(float(media["fps"])))
     return validate(from_dict(RunConfig, data))

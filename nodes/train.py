@@ -69,12 +69,23 @@ class DiscriminatorSpec:
                              "Build APT Discriminator from the base Wan model the generator was distilled from.")
 
     def build(self, device: torch.device, dtype: torch.dtype, timestep_shift: float, checkpointing: bool) -> nn.Module:
-        """The APTDiscriminator over an independent copy of the MODEL's weights (heads and LoRA in fp32)."""
+        """The APTDiscriminator over an independent copy of the MODEL's weights (heads and LoRA in fp32);
+        mode "sfv": the SF-V discriminator over its first half, frozen in `dtype` (heads in fp32)."""
         import torch
 
         from apt_core.discriminator import APTDiscriminator
 
         from .comfy_backbone import trainable_wan
+
+        if self.mode == "sfv":
+            from apt_core.sfv import SFVDiscriminator
+
+            backbone = trainable_wan(self.model, device, dtype)
+            backbone.gradient_checkpointing = checkpointing
+            d = SFVDiscriminator(backbone, head_layers=self.head_layers, copy_backbone=False)
+            for m in (d.spatial, d.temporal):
+                m.to(device=device, dtype=torch.float32)
+            return d
 
         backbone = trainable_wan(self.model, device, torch.float32 if self.mode == "full" else dtype)
         backbone.gradient_checkpointing = checkpointing
@@ -202,7 +213,8 @@ class APTConsistencyDistill:
 
 class APTDiscriminatorNode:
     DESCRIPTION = ("The APT discriminator: a copy of the ORIGINAL diffusion model with cross-attention heads on the hidden states of "
-                   "a few blocks. Built when APT Train runs.")
+                   "a few blocks; or (mode sfv) SF-V's: the model's first half, frozen, with spatial and temporal heads on noised "
+                   "inputs. Built when APT Train runs.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (DISC_TYPE,)
     RETURN_NAMES = ("discriminator",)
@@ -213,8 +225,8 @@ class APTDiscriminatorNode:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The ORIGINAL Wan 2.1 diffusion model (not the distilled one), as in the paper."}),
-            "mode": (["lora", "frozen", "full"], {"default": "lora", "tooltip": "Backbone training: lora = LoRA adapters (memory-lean), frozen = heads only (leanest), full = all weights (paper; needs a large GPU)."}),
-            "head_layers": ("STRING", {"default": "auto", "tooltip": "0-based blocks the heads tap: 'auto' = the paper's 16/26/36 of 36 scaled to the depth, or e.g. '12,21,29'."}),
+            "mode": (["lora", "frozen", "full", "sfv"], {"default": "lora", "tooltip": "Backbone training: lora = LoRA adapters (memory-lean), frozen = heads only (leanest), full = all weights (paper; needs a large GPU). sfv = the SF-V discriminator: only the model's first half, frozen, with spatial + temporal heads on noised inputs (log-normal noise level, mean -1, std 1), trained with the hinge loss; no backbone gradients or optimiser state, and half the blocks."}),
+            "head_layers": ("STRING", {"default": "auto", "tooltip": "0-based blocks the heads tap: 'auto' = the paper's 16/26/36 of 36 scaled to the depth, or e.g. '12,21,29'. Mode sfv: blocks of the first half; 'auto' = 4 evenly spaced ones."}),
             "lora_rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "Rank of the backbone LoRA (mode lora only)."}),
         }}
 

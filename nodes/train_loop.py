@@ -275,8 +275,9 @@ class APTRun(_Run):
             raise ValueError(f"nothing to train: generator has {len(g_params)}, discriminator {len(d_params)} trainable tensors")
         self.opt_g, self.opt_d = make_rmsprop(g_params, s.lr), make_rmsprop(d_params, s.lr_d or s.lr)
         self.ema = EMA(generator, s.ema_decay)
-        cfg = APTConfig(r1_lambda=s.r1_lambda, r1_sigma=s.r1_sigma, d_timestep_shift=s.d_timestep_shift,
-                        grad_accum=s.grad_accum, autocast_dtype=s.autocast)
+        sfv = getattr(discriminator, "noised_inputs", False)  # SF-V's D: its hinge loss (R1 stays approximated: memory)
+        cfg = APTConfig(loss="hinge" if sfv else "nonsaturating", r1_lambda=s.r1_lambda, r1_sigma=s.r1_sigma,
+                        d_timestep_shift=s.d_timestep_shift, grad_accum=s.grad_accum, autocast_dtype=s.autocast)
         self.trainer = APTTrainer(generator, discriminator, self.opt_g, self.opt_d, cfg, self.ema)
         self.val_cond, self.val_shape = val_cond, val_shape
 

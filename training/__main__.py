@@ -55,15 +55,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from training.distributed import destroy
     from training.loop import train
+    from training.stop import EXIT_STOPPED
 
+    log = logging.getLogger("apt-train")
     ok = False
     try:
         result = train(cfg, resume=args.resume, export_only=args.export_only)
         ok = True
+    except RuntimeError as e:
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            log.error("a collective waited longer than distributed.timeout_s = %g s: another rank stalled or died "
+                      "(see its log); the job stops instead of hanging. Rerunning resumes from the newest checkpoint.",
+                      cfg.distributed.timeout_s)
+        raise
     finally:
         destroy(barrier=ok)  # no barrier after an error: the other ranks may never reach it
+    if result.get("stopped"):
+        log.info("stopped (%s) at step %d, checkpoint saved; rerun the same command to resume (exit code %d)",
+                 result["stopped"], result["step"], EXIT_STOPPED)
+        return EXIT_STOPPED
     if result.get("export"):
-        logging.getLogger("apt-train").info("exported %s", result["export"])
+        log.info("exported %s", result["export"])
     return 0
 
 

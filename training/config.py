@@ -45,13 +45,14 @@ class RunSection:
     seed: int = opt(0, "base seed: model init, data order and per-sample noise (seed, step, global sample index)")
     steps: int = opt(100, "optimiser steps for the teacher / cd stages (apt uses apt.image.steps + apt.video.steps)")
     device: str = opt("auto", "auto = cuda if available (one GPU per local rank), else cpu", ("auto", "cpu", "cuda"))
+    warmup_steps: int = opt(0, "linear learning-rate warmup over the first N steps of each phase, for every optimiser (G and D); 0 = off")
 
 
 @dataclass
 class ModelSection:
     """The Wan DiT being trained."""
 
-    preset: str = opt("tiny", "apt_core.models.wan preset (tiny, small, wan2.1-t2v-1.3b, ...) for models built from scratch")
+    preset: str = opt("tiny", "a preset of a registered model family (apt_core.models.registry: tiny, tiny-ti2v, wan2.1-t2v-1.3b, wan2.2-ti2v-5b, ...) for models built from scratch")
     init_from: str = opt("", "safetensors in Wan keys (ComfyUI prefixes ok): the ORIGINAL diffusion weights; '' = seeded init")
     in_dim: int = opt(0, "override the preset's latent channels (3 for pixel models); 0 = preset's")
     lora_rank: int = opt(0, "train LoRA adapters of this rank on the generator instead of all weights; 0 = full fine-tune")
@@ -78,6 +79,14 @@ class ParallelSection:
     attention: str = opt("default", "SDPA kernel: default = PyTorch's dispatcher; auto = the fastest, timed once per shape; "
                          "or flash / cudnn / efficient / math wherever it takes the inputs", ATTENTION_CHOICES)
     backend: str = opt("auto", "process-group backend: auto = nccl on CUDA, gloo on CPU", ("auto", "nccl", "gloo"))
+
+
+@dataclass
+class DistributedSection:
+    """Process-group behaviour (training/distributed.py, training/stop.py)."""
+
+    timeout_s: float = opt(600.0, "collective timeout (s): a rank that stalls or dies ends the job after this long instead of "
+                           "hanging; must cover the slowest collective wait: rank 0 loading init_from, the first step, a checkpoint save")
 
 
 @dataclass
@@ -130,17 +139,35 @@ class APTPhase:
 
 
 @dataclass
+class SFVSection:
+    """The SF-V discriminator (apt.disc_kind = "sfv"): frozen first blocks + spatial/temporal heads, noised inputs."""
+
+    backbone_blocks: int = opt(0, "frozen backbone depth: the first N blocks of the ORIGINAL model; 0 = half of them (SF-V: the encoder)")
+    head_layers: list[int] = opt([], "0-based blocks (< backbone_blocks) with a spatial + temporal head each; [] = 4 evenly spaced, the last included")
+    head_channels: int = opt(0, "width of the heads' convolutions; 0 = min(model width, 128)")
+    p_mean: float = opt(-1.0, "D input noise: sigma ~ LogNormal(p_mean, p_std), t = sigma / (1 + sigma) (SF-V: -1; -2 lets D win too fast)")
+    p_std: float = opt(1.0, "std of log sigma (SF-V: 1)")
+
+
+@dataclass
 class APTSection:
     """Adversarial post-training (apt_core.trainer.APTTrainer)."""
 
     lr: float = opt(5e-6, "G and D learning rate for phases that set lr = 0 (paper: 5e-6 images)")
     generator_init: str = opt("", "G init: the CD stage's export (safetensors, Wan keys); '' = model.init_from")
-    loss: str = opt("nonsaturating", "GAN loss (relativistic = AAPT/SeedVR2 pairing with R1 and R2)", ("nonsaturating", "relativistic"))
+    loss: str = opt("nonsaturating", "GAN loss (relativistic = AAPT/SeedVR2 pairing with R1 and R2; hinge = SF-V's)",
+                    ("nonsaturating", "relativistic", "hinge"))
     r1_lambda: float = opt(100.0, "approximated-R1 weight (paper 100; AAPT relativistic 1000)")
+    r1_mode: str = opt("approx", "approx = APT's approximated R1 (one batched forward); exact = the gradient penalty by double "
+                       "backward, weighted r1_lambda * r1_sigma^2 (SF-V's; math attention, not with parallel.strategy = fsdp)",
+                       ("approx", "exact"))
     ema_decay: float = opt(0.995, "EMA decay of G (the EMA is what gets exported)")
-    disc_mode: str = opt("full", "D backbone: full (paper), lora adapters, or frozen (heads only)", ("full", "lora", "frozen"))
+    disc_kind: str = opt("apt", "discriminator: apt = copy of the ORIGINAL model + cross-attention heads (paper); sfv = SF-V's "
+                         "frozen first blocks + spatial/temporal heads on noised inputs (apt.sfv; far less memory)", ("apt", "sfv"))
+    disc_mode: str = opt("full", "APT D backbone: full (paper), lora adapters, or frozen (heads only)", ("full", "lora", "frozen"))
     disc_lora_rank: int = opt(16, "LoRA rank of the D backbone when disc_mode = lora")
-    head_layers: list[int] = opt([], "0-based D tap blocks; [] = paper's 16/26/36 of 36 scaled to the depth")
+    head_layers: list[int] = opt([], "0-based APT D tap blocks; [] = paper's 16/26/36 of 36 scaled to the depth")
+    sfv: SFVSection = field(default_factory=SFVSection)
     image: APTPhase = field(default_factory=lambda: APTPhase(steps=350, r1_sigma=0.01, d_timestep_shift=1.0))
     video: APTPhase = field(default_factory=lambda: APTPhase(steps=300, lr=3e-6, r1_sigma=0.1, d_timestep_shift=12.0))
 
@@ -168,6 +195,8 @@ class MonitorSection:
     log_every: int = opt(10, "host-sync + write the buffered per-step metrics every N steps")
     progress: bool = opt(True, "tqdm bar on rank 0")
     tensorboard: bool = opt(False, "also write TensorBoard events to <run.dir>/tb (needs the tensorboard package)")
+    peak_tflops: float = opt(0.0, "dense bf16 peak TFLOP/s of one device, for the mfu metric; 0 = known GPUs "
+                             "(H100/H200 989, A100 312, B200 2250), no mfu on other devices")
     val_every: int = opt(0, "validation samples every N steps (and at the end); 0 = off")
     val_seeds: list[int] = opt([0, 1, 2, 3], "noise seeds per validation prompt (fixed across the run)")
     val_prompts: str = opt("", "safetensors with `context` [P, L, D] prompt embeddings; '' = the first val_num_prompts samples")
@@ -186,6 +215,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     cd: CDSection = field(default_factory=CDSection)
     apt: APTSection = field(default_factory=APTSection)
@@ -336,14 +366,43 @@ def validate(cfg: RunConfig) -> RunConfig:
             for key in ("steps", "micro_batch", "grad_accum"):
                 if getattr(p, key) < 0:
                     raise ConfigError(f"apt.{name}.{key} must be >= 0, got {getattr(p, key)}")
+    _validate_discriminator(cfg)
     if cfg.parallel.compile and cfg.parallel.attention != "default":
         raise ConfigError(f"parallel.attention={cfg.parallel.attention!r} has no effect under parallel.compile=true "
                           "(compiled blocks take PyTorch's dispatcher); set parallel.attention='default' or compile=false")
+    if not cfg.distributed.timeout_s > 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0 seconds, got {cfg.distributed.timeout_s}")
+    if cfg.monitor.peak_tflops < 0:
+        raise ConfigError(f"monitor.peak_tflops must be >= 0, got {cfg.monitor.peak_tflops}")
+    if cfg.run.warmup_steps < 0:
+        raise ConfigError(f"run.warmup_steps must be >= 0, got {cfg.run.warmup_steps}")
     if len(cfg.teacher.betas) != 2:
         raise ConfigError(f"teacher.betas must have 2 values, got {cfg.teacher.betas}")
     if cfg.monitor.val_every and not cfg.monitor.val_seeds:
         raise ConfigError("monitor.val_seeds is empty but monitor.val_every > 0")
     return cfg
+
+
+def _validate_discriminator(cfg: RunConfig) -> None:
+    """The discriminator settings that only make sense together."""
+    a, s = cfg.apt, cfg.apt.sfv
+    for name, v in {"apt.sfv.backbone_blocks": s.backbone_blocks, "apt.sfv.head_channels": s.head_channels}.items():
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0 (0 = the default), got {v}")
+    if s.p_std <= 0:
+        raise ConfigError(f"apt.sfv.p_std must be > 0, got {s.p_std}")
+    bad = [i for i in s.head_layers if i < 0 or (s.backbone_blocks and i >= s.backbone_blocks)]
+    if bad or len(set(s.head_layers)) != len(s.head_layers):
+        limit = f"< apt.sfv.backbone_blocks={s.backbone_blocks}" if s.backbone_blocks else ">= 0"
+        raise ConfigError(f"apt.sfv.head_layers {s.head_layers}: need distinct 0-based block indices {limit}")
+    if cfg.run.stage != "apt" or a.r1_mode != "exact":
+        return
+    if a.loss == "relativistic":
+        raise ConfigError("apt.r1_mode='exact' with apt.loss='relativistic': the relativistic recipe's R2 is approximated only; "
+                          "use apt.r1_mode='approx' or another loss")
+    if cfg.parallel.strategy == "fsdp":
+        raise ConfigError("apt.r1_mode='exact' does not run with parallel.strategy='fsdp' (its double backward reaches "
+                          "resharded parameters); use parallel.strategy='ddp' or 'none', or apt.r1_mode='approx'")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-STREAMS = ("z_d", "z_g", "t_d", "t_g", "r1", "r2", "eps", "t", "cd_index")
+STREAMS = ("z_d", "z_g", "t_d", "t_g", "r1", "r2", "eps", "t", "cd_index",
+           "d_eps_real", "d_eps_fake", "g_eps_fake", "g_eps_real")  # append only: the index seeds the stream
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,11 @@ def _env_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
-def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 1800.0) -> World:
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 600.0) -> World:
     """Join (or create) the default process group with env:// and pick this rank's device.
 
+    `timeout_s` (config distributed.timeout_s) bounds every collective wait: a stalled or dead rank
+    makes the others raise after that long instead of hanging.
     Under torchrun / SLURM the env vars are set; a plain `python -m training` gets a 1-process group
     on a free local port, so FSDP2, DCP and collectives run the same code path everywhere.
     device: auto | cpu | cuda; backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo.
@@ -70,8 +73,10 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     if use_cuda:
         if not torch.cuda.is_available():
             raise RuntimeError("run.device='cuda' but torch.cuda.is_available() is False; use run.device='cpu'")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # srun with one GPU bound per task shows each rank a single device: cuda:0
+        index = 0 if torch.cuda.device_count() == 1 else local_rank
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if backend == "auto":

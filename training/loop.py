@@ -26,14 +26,16 @@ from apt_core.flow import add_noise, generate_one_step, sample_timesteps
 from apt_core.lora import inject_lora
 from apt_core.models.io import config_from_metadata, infer_wan_config, load_state_dict_file, read_metadata
 from apt_core.models.wan import WanConfig, get_config
+from apt_core.sfv import SFVDiscriminator
 from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, make_rmsprop
 from training import distributed as D
 from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState, read_info
 from training.config import RunConfig, dumps, save_config
 from training.data import Batch, BucketedLoader, ShardDataset
 from training.export import export_generator
-from training.monitor import CollapseDetector, MetricsLogger, Validator
+from training.monitor import CollapseDetector, MetricsLogger, Validator, count_flops, peak_tflops
 from training.parallelize import autocast_dtype, parallelize, reshard
+from training.stop import StopRequest
 
 
 @dataclass
@@ -131,20 +133,28 @@ def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, path: str, lor
 
 
 def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase: Phase) -> nn.Module:
-    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from) + fresh seeded heads."""
+    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from) + fresh seeded heads; SF-V D
+    (apt.disc_kind = "sfv"): the first blocks of those weights, frozen, + fresh seeded heads."""
     a = cfg.apt
-    kwargs = dict(head_layers=a.head_layers or None, mode=a.disc_mode, timestep_shift=phase.apt.d_timestep_shift,
-                  lora_rank=a.disc_lora_rank, copy_backbone=False)
+    if a.disc_kind == "sfv":
+        s = a.sfv
+        cls: type[nn.Module] = SFVDiscriminator
+        kwargs = dict(backbone_blocks=s.backbone_blocks or None, head_layers=s.head_layers or None, p_mean=s.p_mean,
+                      p_std=s.p_std, head_channels=s.head_channels or None, copy_backbone=False)
+    else:
+        cls = APTDiscriminator
+        kwargs = dict(head_layers=a.head_layers or None, mode=a.disc_mode, timestep_shift=phase.apt.d_timestep_shift,
+                      lora_rank=a.disc_lora_rank, copy_backbone=False)
     with torch.device("meta"):
         backbone = WanFlowModel(config)
-    disc = APTDiscriminator(backbone, **kwargs)
+    disc = cls(backbone, **kwargs)
     full = None
     if world.is_main:
         with torch.device("meta"):
             ref_backbone = WanFlowModel(config)
         ref_backbone.load_state_dict(base_weights(config, cfg.model.init_from, cfg.run.seed), assign=True)
         with seeded(cfg.run.seed + 2):
-            full = APTDiscriminator(ref_backbone, **kwargs).state_dict()
+            full = cls(ref_backbone, **kwargs).state_dict()
     return parallelize(disc, full, cfg.parallel, world)
 
 
@@ -184,6 +194,24 @@ class Stage:
     def state(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The phase's optimisers by the metric name of their learning rate (lr: G, lr_d: D)."""
+        raise NotImplementedError
+
+    def remember_lr(self) -> None:
+        """Record the configured learning rates (before a checkpoint load restores warmed-up ones)."""
+        self._base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers().items()}
+
+    def set_lr(self, step: int) -> dict[str, torch.Tensor]:
+        """Apply run.warmup_steps (linear ramp from the phase's start) to every optimiser; the lrs as metrics."""
+        warm = self.cfg.run.warmup_steps
+        scale = min(1.0, (step - self.phase.start + 1) / warm) if warm else 1.0
+        opts = self.optimizers()
+        for k, o in opts.items():
+            for g, base in zip(o.param_groups, self._base_lr[k]):
+                g["lr"] = base * scale
+        return {k: torch.tensor(o.param_groups[0]["lr"]) for k, o in opts.items()}
+
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -216,6 +244,9 @@ class TeacherStage(Stage):
     def state(self) -> dict[str, Any]:
         s = {"generator": ModelOptimState(self.generator, self.opt)}
         return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"lr": self.opt}
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         t_cfg, dev = self.cfg.teacher, self.world.device
@@ -271,6 +302,9 @@ class CDStage(Stage):
         s = {"generator": ModelOptimState(self.generator, self.opt)}
         return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"lr": self.opt}
+
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, n = self.world.device, self._idx(batch), self.cfg.cd.grid_steps
         cond = _cond(batch)
@@ -309,7 +343,7 @@ class APTStage(Stage):
         self.opt_d = make_rmsprop(self._trainable(self.discriminator), lr_d)
         self.ema = EMA(self.generator, a.ema_decay)
         relativistic = a.loss == "relativistic"
-        acfg = APTConfig(loss=a.loss, r1_lambda=a.r1_lambda, r1_sigma=phase.apt.r1_sigma, r2=relativistic,
+        acfg = APTConfig(loss=a.loss, r1_lambda=a.r1_lambda, r1_sigma=phase.apt.r1_sigma, r1_mode=a.r1_mode, r2=relativistic,
                          r2_lambda=a.r1_lambda, d_timestep_shift=phase.apt.d_timestep_shift,
                          mismatch_weight=phase.apt.mismatch_weight,
                          grad_accum=phase.grad_accum, autocast_dtype=self.amp)
@@ -322,16 +356,27 @@ class APTStage(Stage):
             "ema": ObjectState(self.ema),
         }
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"lr": self.opt_g, "lr_d": self.opt_d}
+
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, shift = self.world.device, self._idx(batch), self.phase.apt.d_timestep_shift
         x0, cond = batch.latent.float(), _cond(batch)
         relativistic = self.cfg.apt.loss == "relativistic"
-        t_d = _per_sample_t(self.seed, step, idx, "t_d", dev, kind="shifted", shift=shift)
+        sfv = self.cfg.apt.disc_kind == "sfv"  # SF-V: D's t is a log-normal sigma and its inputs are noised
+        t_kw = (dict(kind="logit_normal", logit_mean=self.cfg.apt.sfv.p_mean, logit_std=self.cfg.apt.sfv.p_std) if sfv
+                else dict(kind="shifted", shift=shift))
+        d_noise = {"noise_real": self.noise(batch, step, "d_eps_real"), "noise_fake": self.noise(batch, step, "d_eps_fake")} if sfv else {}
+        t_d = _per_sample_t(self.seed, step, idx, "t_d", dev, **t_kw)
         metrics = self.trainer.d_step(x0, cond, z=self.noise(batch, step, "z_d"), t_d=t_d,
                                       r1_noise=self.noise(batch, step, "r1"),
-                                      r2_noise=self.noise(batch, step, "r2") if relativistic else None)
-        t_g = _per_sample_t(self.seed, step, idx, "t_g", dev, kind="shifted", shift=shift)
-        metrics |= self.trainer.g_step(cond, z=self.noise(batch, step, "z_g"), t_d=t_g, x_real=x0 if relativistic else None)
+                                      r2_noise=self.noise(batch, step, "r2") if relativistic else None, **d_noise)
+        t_g = _per_sample_t(self.seed, step, idx, "t_g", dev, **t_kw)
+        g_noise = {"noise_fake": self.noise(batch, step, "g_eps_fake")} if sfv else {}
+        if sfv and relativistic:
+            g_noise["noise_real"] = self.noise(batch, step, "g_eps_real")
+        metrics |= self.trainer.g_step(cond, z=self.noise(batch, step, "z_g"), t_d=t_g, x_real=x0 if relativistic else None,
+                                       **g_noise)
         return metrics
 
 
@@ -377,6 +422,8 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
         result = validator.run(lambda z, ctx: generate_one_step(g, z, WanCond(ctx)), step)
         reshard(g)  # before the swap restores the training weights into the shards
     logger.event(step, "validation", f"samples in {result.get('val_dir', '')}", **result)
+    if "val_dir" in result:
+        logger.image("validation/grid", Path(result["val_dir"]) / "grid.png", step)
     warning = None if math.isnan(result["val_diversity"]) else detector.diversity_warning(result["val_diversity"])
     if warning:
         logger.event(step, "warning", warning)
@@ -385,7 +432,25 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
 
 def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False) -> dict[str, Any]:
     """Run the configured stage to the end (resuming from the newest complete checkpoint if any)."""
-    world = D.init_distributed(cfg.run.device, cfg.parallel.backend)
+    world = D.init_distributed(cfg.run.device, cfg.parallel.backend, cfg.distributed.timeout_s)
+    stop = StopRequest().install(grace_s=cfg.distributed.timeout_s)
+    try:
+        return _train(cfg, world, stop, resume, export_only)
+    finally:
+        stop.uninstall()
+
+
+def start_banner(cfg: RunConfig, world: D.World, phases: list[Phase], step: int, start_path: Path | None) -> str:
+    """What a run is about to do, in one line: run dir, world, phases with step ranges, resume point."""
+    plan = ", ".join(f"{p.name} steps {p.start + 1}-{p.end} (global batch {p.micro_batch * p.grad_accum * world.world_size})"
+                     for p in phases)
+    where = f"resuming from {start_path} at step {step}" if start_path else "fresh start at step 0"
+    return (f"apt-train {cfg.run.stage}: run dir {cfg.run.dir}, world size {world.world_size} ({world.backend}, "
+            f"{world.device.type}), {plan}; {where} of {phases[-1].end}")
+
+
+def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str, export_only: bool) -> dict[str, Any]:
+    """train() once the process group and the stop handlers are up."""
     torch.manual_seed(cfg.run.seed + world.rank)
     run_dir = Path(cfg.run.dir)
     if world.is_main:
@@ -407,14 +472,26 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
     stage: Stage = STAGES[cfg.run.stage](cfg, world, config)
     logger = MetricsLogger(run_dir, world, phases[-1].end, cfg.monitor.log_every, cfg.monitor.progress and not export_only,
                            cfg.monitor.tensorboard, start_step=step)
+    logger.peak_tflops = peak_tflops(world.device, cfg.monitor.peak_tflops)
     detector = CollapseDetector(cfg.monitor.collapse_window, cfg.monitor.d_loss_floor, cfg.monitor.diversity_threshold)
     result: dict[str, Any] = {"world_size": world.world_size, "resumed_from": str(start_path) if start_path else None}
+    logger.event(step, "start", start_banner(cfg, world, phases, step, start_path), world_size=world.world_size,
+                 phases={p.name: [p.start, p.end] for p in phases})
     if start_path:
         logger.event(step, "resume", f"resumed from {start_path}", checkpoint=str(start_path), world_size=world.world_size)
     lora = cfg.model.lora_rank
+
+    def save(at: int, phase: Phase) -> Path:
+        logger.flush()
+        path = ckpt.save(at, state, files={"config.toml": dumps(cfg)}, info={"phase": phase.name})
+        logger.event(at, "checkpoint", f"checkpoint saved: {path}", checkpoint=str(path))
+        return path
+
     for i in range(k, len(phases)):
         phase = phases[i]
         stage.begin_phase(phase, first=i == k)
+        stage.remember_lr()
+        logger.global_batch = phase.micro_batch * phase.grad_accum * world.world_size
         dataset = ShardDataset(phase.data)
         loader = BucketedLoader(dataset, phase.micro_batch * phase.grad_accum, world.rank, world.world_size,
                                 seed=cfg.run.seed + phase.index)
@@ -426,8 +503,17 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
         validator = make_validator(cfg, world, dataset, run_dir)
         batches = _batches(loader, world.device)
         logger.restart_clock(step)
+        first_step = step
         while step < phase.end:
-            metrics = stage.step(step, next(batches))
+            lrs = stage.set_lr(step)
+            batch = next(batches)
+            if logger.peak_tflops and step == first_step:  # MFU: count the FLOPs of the phase's first step
+                metrics, flops = count_flops(stage.step, step, batch)
+                flops_t = torch.tensor(flops, dtype=torch.float64, device=world.device if world.backend == "nccl" else "cpu")
+                logger.step_flops = float(D.all_reduce_mean(flops_t))
+            else:
+                metrics = stage.step(step, batch)
+            metrics |= lrs
             step += 1
             rows = logger.log(step, metrics, phase.name)
             if rows:
@@ -438,15 +524,28 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False)
             if validator is not None and (step % cfg.monitor.val_every == 0 or last):
                 logger.flush()
                 result["validation"] = validate(stage, validator, step, logger, detector)
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last:
-                logger.flush()
-                ckpt.save(step, state, files={"config.toml": dumps(cfg)}, info={"phase": phase.name})
+            saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
+            if saved:
+                save(step, phase)
+            reason = stop.agreed(world)  # collective: every rank stops after the same step
+            if reason and step < phases[-1].end:  # (at the very end the run just finishes)
+                path = None if saved else save(step, phase)
+                logger.event(step, "stopped", f"{reason}: stopped at step {step} with a checkpoint saved; "
+                             "run the same command again to resume", reason=reason,
+                             checkpoint=str(path or ckpt.dir / f"step-{step}"))
+                result["stopped"] = reason
+                break
+        if result.get("stopped"):
+            break
         if phase.name == "image" and i + 1 < len(phases) and not export_only:
             export_generator(stage.generator, run_dir / "export", "apt_image_ema", world, config, stage.ema, lora,
                              cfg.model.lora_alpha or None, cfg.export.dtype, {"step": step, "phase": "image"})
     logger.close()
     result["step"] = step
     result["metrics"] = logger.rows
+    if result.get("stopped"):
+        D.barrier()
+        return result
     if cfg.export.final or export_only:
         paths = export_generator(stage.generator, run_dir / "export", stage.export_name, world, config, stage.ema, lora,
                                  cfg.model.lora_alpha or None, cfg.export.dtype,

@@ -74,8 +74,8 @@ def test_rmsprop_state_is_one_fp32_copy_of_the_trainable_params():
 
 
 def test_config_validation_names_the_value():
-    with pytest.raises(ValueError, match="loss='hinge'"):
-        APTConfig(loss="hinge")
+    with pytest.raises(ValueError, match="loss='wasserstein'"):
+        APTConfig(loss="wasserstein")
     with pytest.raises(ValueError, match="grad_accum"):
         APTConfig(grad_accum=0)
     with pytest.raises(ValueError, match="r1_sigma"):

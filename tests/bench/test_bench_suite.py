@@ -25,7 +25,7 @@ def rehearsal(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_rehearsal_writes_every_benchmark_with_its_machine_and_command(rehearsal):
-    assert set(rehearsal) == {"inference", "trainer_scaling", "r1_cost", "suite"}
+    assert set(rehearsal) == {"inference", "trainer_scaling", "r1_cost", "sfv_cost", "suite"}
     for name, result in rehearsal.items():
         assert result["machine"]["torch"] and result["machine"]["cpu_cores"] >= 1, name
         assert "command" in result and result["time"], name
@@ -70,6 +70,21 @@ def test_rehearsal_runs_every_r1_variant_and_probes_double_backward(rehearsal):
     assert set(r1["sdpa_double_backward"]) >= {"FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"}
 
 
+def test_rehearsal_runs_apt_and_sfv_discriminator_steps(rehearsal):
+    rows = {r["variant"]: r for r in rehearsal["sfv_cost"]["rows"]}
+    assert set(rows) == {"apt", "sfv", "sfv-exact"}
+    for variant, r in rows.items():
+        assert "error" not in r, (variant, r.get("error"))
+        assert r["dtype"] == "bf16 autocast" and r["activation_checkpointing"] is True and r["finite"] is True
+        assert r["step_ms"] > 0 and r["total_mib"] > 0
+    apt, sfv = rows["apt"], rows["sfv"]
+    assert (apt["d_blocks"], sfv["d_blocks"]) == (2, 1)  # tiny-comfy: SF-V keeps the first half, frozen
+    assert sfv["d_params"] < apt["d_params"] and sfv["d_params_trainable"] < sfv["d_params"]
+    assert sfv["d_optimizer_mib"] < apt["d_optimizer_mib"]  # optimiser state for the heads only
+    assert (sfv["loss"], sfv["r1_mode"], rows["sfv-exact"]["r1_mode"]) == ("hinge", "approx", "exact")
+    assert "total_vs_apt" in sfv and rehearsal["sfv_cost"]["rehearsal"] is True
+
+
 def test_compare_flags_regressions_in_either_direction_and_missing_figures(capsys):
     baseline = {"checks": {
         "inference.speedup": {"value": 40.0, "higher_is_better": True, "rel_tol": 0.5},
@@ -101,10 +116,10 @@ def test_the_prepared_device_script_runs_every_part(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["inference.json", "inference_compiled.json", "log.txt", "machine.txt", "r1_cost.json",
-                     "trainer_scaling.json"]
+                     "sfv_cost.json", "trainer_scaling.json"]
     assert len(files) + 1 <= 8  # + baseline_gpu.json on a GPU; the device tool returns at most 8 files
     log = (tmp_path / "log.txt").read_text()
-    assert log.count("=== exit 0 after") == 4, log[-2000:]
+    assert log.count("=== exit 0 after") == 5, log[-2000:]
     (row,) = json.loads((tmp_path / "inference_compiled.json").read_text())["dit"]
     assert row["compiled"] and row["compile_s"] is not None and row["compiled_graphs"] == 1
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -25,56 +26,111 @@ SHARED_TOOLS = Path(os.environ.get("APT_SHARED_TOOLS", ROOT.parent / "shared" / 
 PACK_NAME = "ComfyUI-APT"
 TINY_WAN = "tiny_wan21_t2v.safetensors"
 TINY_VAE = "tiny_wan21_vae.safetensors"
+RUN = f"t{uuid.uuid4().hex[:8]}"  # unique names for this session's files
+I2V, T2V_3 = "apt_test_tiny_wan21_i2v.safetensors", "apt_test_tiny_wan21_t2v_3layers.safetensors"
+
+
+LINKS = ((PACK_NAME, ROOT), ("testnodes", SHARED_TOOLS / "testnodes"), ("apt_testnodes", ROOT / "tests" / "comfyui" / "apt_testnodes"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free 127.0.0.1 port: the OS's choice, or one in $APT_COMFY_PORTS ("18400-18499") when set."""
+    lo, _, hi = os.environ.get("APT_COMFY_PORTS", "0-0").partition("-")
+    for port in range(int(lo), int(hi) + 1) if int(lo) else [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in APT_COMFY_PORTS={os.environ['APT_COMFY_PORTS']}")
+
+
+def remove_stale_links(custom_nodes: Path) -> list[str]:
+    """Remove links this harness left in ComfyUI's custom_nodes/ before it ran from its own base
+    directory (same names, pointing at what it links, or dangling); they would load a second copy."""
+    removed = []
+    for name, target in LINKS:
+        link = custom_nodes / name
+        if link.is_symlink() and (not link.exists() or link.resolve() == target.resolve()):
+            link.unlink()
+            removed.append(str(link))
+    return removed
 
 
 class Comfy:
-    """A running ComfyUI server (127.0.0.1 only) with this pack and the test node packs linked in."""
+    """A running ComfyUI server (127.0.0.1 only) that loads this pack and the test node packs and
+    nothing else: its base directory is a temporary one (custom_nodes/ with our links, user/,
+    temp/), and the models are those of the ComfyUI checkout (extra paths, listed first)."""
 
     def __init__(self, comfy_dir: Path, venv: Path, workdir: Path):
         self.dir, self.venv, self.work = Path(comfy_dir), Path(venv), Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.base = self.work / "base"
         self.input, self.output = self.work / "input", self.work / "output"
         self.log = self.work / "server.log"
         self.pid: int | None = None
+        self.linked: list[Path] = []
 
     def link_packs(self) -> None:
-        custom = self.dir / "custom_nodes"
-        for name, target in ((PACK_NAME, ROOT), ("testnodes", SHARED_TOOLS / "testnodes"),
-                             ("apt_testnodes", ROOT / "tests" / "comfyui" / "apt_testnodes")):
+        """Link the packs under test into the server's own custom_nodes/ (replacing stale links there)."""
+        custom = self.base / "custom_nodes"
+        custom.mkdir(parents=True, exist_ok=True)
+        for name, target in LINKS:
             link = custom / name
-            if link.is_symlink() or not link.exists():
-                if link.is_symlink():
-                    link.unlink()
-                link.symlink_to(target, target_is_directory=True)
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(target, target_is_directory=True)
+            self.linked.append(link)
+
+    def unlink_packs(self) -> None:
+        """Remove the links link_packs made."""
+        for link in self.linked:
+            if link.is_symlink():
+                link.unlink()
+        self.linked = []
+
+    def model_paths_config(self) -> Path:
+        """extra_model_paths YAML: every folder of the checkout's models/, ahead of the base directory's."""
+        kinds = sorted(p.name for p in (self.dir / "models").iterdir() if p.is_dir())
+        lines = ["apt_test_models:", f"  base_path: {json.dumps(str(self.dir))}", "  is_default: true"]
+        lines += [f"  {kind}: models/{kind}" for kind in kinds]
+        path = self.work / "extra_model_paths.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def start(self) -> Comfy:
         self.input.mkdir(parents=True, exist_ok=True)
         self.output.mkdir(parents=True, exist_ok=True)
+        for link in remove_stale_links(self.dir / "custom_nodes"):
+            print(f"removed a stale link left by an earlier version of this harness: {link}")
         self.link_packs()
         env = {**os.environ, "COMFYUI_DIR": str(self.dir), "COMFYUI_VENV": str(self.venv), "COMFY_LOG": str(self.log),
                "COMFY_LOGDIR": str(self.work)}
         out = subprocess.run(["bash", str(SHARED_TOOLS / "serve.sh"), "--port", str(self.port), "--",
+                              "--base-directory", str(self.base), "--extra-model-paths-config", str(self.model_paths_config()),
                               "--output-directory", str(self.output), "--input-directory", str(self.input)],
                              env=env, capture_output=True, text=True, timeout=300)
         if out.returncode != 0:
+            self.unlink_packs()
             raise RuntimeError(f"ComfyUI did not start:\n{out.stderr[-4000:]}")
         self.pid = int(out.stdout.strip().splitlines()[-1])
         return self
 
     def stop(self) -> None:
+        """Stop the server (and wait for it) and remove the links start made."""
         if self.pid is not None:
             try:
-                os.kill(self.pid, 15)
+                os.kill(self.pid, signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(self.pid, 0)
+                    time.sleep(0.1)
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.pid = None
+        self.unlink_packs()
 
     def make_models(self, *args: str) -> None:
         """Run make_tiny_wan.py (in ComfyUI's venv) unless its files exist."""

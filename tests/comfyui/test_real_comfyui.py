@@ -1,8 +1,9 @@
 """Integration suite against a REAL ComfyUI (skipped unless COMFYUI_DIR and COMFYUI_VENV are set).
 
-See docs/COMFYUI.md ("Running the real-ComfyUI suite"). The server runs on CPU, bound to 127.0.0.1,
-with this pack, shared/comfyui/tools/testnodes and tests/comfyui/apt_testnodes linked into its
-custom_nodes/. Models: the tiny random Wan 2.1 of make_tiny_wan.py (+ its random VAE) and
+See docs/COMFYUI.md ("Real-ComfyUI suite"). The server runs on CPU, bound to 127.0.0.1,
+with this pack, shared/comfyui/tools/testnodes and tests/comfyui/apt_testnodes linked into the
+custom_nodes/ of its own temporary base directory (harness.Comfy; the checkout's custom_nodes/ is left
+alone). One server serves the session (conftest.py). Models: the tiny random Wan 2.1 of make_tiny_wan.py (+ its random VAE) and
 make_tiny_variants.py. The umT5 text encoder cannot be had: prompts use testnodes'
 TestZeroConditioning and the dataset node's CLIP input apt_testnodes' APTTestStandInCLIP (stand-ins).
 """
@@ -11,17 +12,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.comfyui.harness import ROOT, TINY_WAN, Comfy, api_twin, error_of, texts, tiny, write_media
+from tests.comfyui.harness import (
+    I2V,
+    PACK_NAME,
+    ROOT,
+    RUN,
+    T2V_3,
+    TINY_WAN,
+    Comfy,
+    api_twin,
+    error_of,
+    texts,
+    tiny,
+)
 from tests.nodes.comfy_schema import our_object_info
 from tests.nodes.make_workflows import workflows
 
@@ -31,25 +41,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (COMFYUI_DIR and COMFYUI_VENV), reason="real ComfyUI suite: set COMFYUI_DIR and COMFYUI_VENV (docs/COMFYUI.md)"),
 ]
-RUN = f"t{uuid.uuid4().hex[:8]}"  # unique names for this session's files
-I2V, T2V_3 = "apt_test_tiny_wan21_i2v.safetensors", "apt_test_tiny_wan21_t2v_3layers.safetensors"
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    c = Comfy(Path(COMFYUI_DIR), Path(COMFYUI_VENV), tmp_path_factory.mktemp("comfy"))
-    models = c.dir / "models" / "diffusion_models"
-    if not (models / TINY_WAN).is_file() or not (c.dir / "models" / "vae" / "tiny_wan21_vae.safetensors").is_file():
-        c.make_models("--vae")
-    if not (models / I2V).is_file() or not (models / T2V_3).is_file():
-        subprocess.run([str(c.venv / "bin" / "python"), str(ROOT / "tests" / "comfyui" / "make_tiny_variants.py")],
-                       env={**os.environ, "COMFYUI_DIR": str(c.dir)}, check=True, capture_output=True, timeout=600)
-    write_media(c.input / "apt_media")
-    c.start()
-    yield c
-    c.stop()
-    for kind in ("diffusion_models", "loras"):
-        shutil.rmtree(c.dir / "models" / kind / "apt_test" / RUN, ignore_errors=True)
 
 
 def log_text(comfy: Comfy) -> str:
@@ -65,6 +56,45 @@ def test_extension_loads_and_serves_every_node(comfy):
         got = served[name]
         for key in ("input", "input_order", "output", "output_name", "category", "display_name", "output_node", "output_tooltips"):
             assert got[key] == ours[key], f"{name}.{key}: served {got[key]} != declared {ours[key]}"
+
+
+def loaded_packs(log: Path) -> list[str]:
+    """The custom-node folders a server imported (the import-time list of its log)."""
+    return [line.split(": ", 1)[1].strip() for line in log.read_text(errors="replace").splitlines()
+            if " seconds" in line and ": " in line and "custom_nodes" in line]
+
+
+def custom_nodes_entries(folder: Path) -> list[tuple[str, str | None]]:
+    return sorted((p.name, os.readlink(p) if p.is_symlink() else None) for p in folder.iterdir())
+
+
+def test_harness_leaves_custom_nodes_as_found_and_loads_the_pack_once(tmp_path):
+    """Issue 15, defect 5: the harness used to leave its links in ComfyUI's custom_nodes/, so the
+    pack stayed installed after the tests and was loaded twice next to another copy of it. Now each
+    server loads the packs from its own base directory, and a stale link is removed at start."""
+    custom = Path(COMFYUI_DIR) / "custom_nodes"
+    stale, second = custom / PACK_NAME, custom / "apt_test_second_copy"
+    if stale.exists() and not stale.is_symlink() or second.exists():
+        pytest.skip(f"{stale} or {second} is a real install: not touched")
+    if stale.is_symlink():
+        stale.unlink()
+    found = custom_nodes_entries(custom)
+    stale.symlink_to(ROOT, target_is_directory=True)  # what the earlier harness left behind
+    second.symlink_to(ROOT, target_is_directory=True)  # another copy (an install under another name)
+    try:
+        for i in range(2):
+            c = Comfy(Path(COMFYUI_DIR), Path(COMFYUI_VENV), tmp_path / f"run{i}")
+            c.start()
+            try:
+                packs = [p for p in loaded_packs(c.log) if Path(p).resolve() == ROOT.resolve()]
+                assert len(packs) == 1, f"run {i}: the pack was loaded {len(packs)} times: {packs}"
+            finally:
+                c.stop()
+            assert custom_nodes_entries(custom) == sorted(found + [(second.name, str(ROOT))]), f"run {i} changed {custom}"
+    finally:
+        for link in (stale, second):
+            if link.is_symlink():
+                link.unlink()
 
 
 def test_workflows_appear_as_templates(comfy):

@@ -275,7 +275,9 @@ def _data_type(v: Any) -> bool:  # zDataType: string | string[] | number
     return isinstance(v, str) or _num(v) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
 
 
-def _vector2(v: Any) -> bool:
+def _vector2(v: Any) -> bool:  # zVector2: [x, y] or {"0": x, "1": y, ...}
+    if isinstance(v, dict):
+        return _num(v.get("0")) and _num(v.get("1"))
     return isinstance(v, list) and len(v) == 2 and all(_num(x) for x in v)
 
 
@@ -407,3 +409,116 @@ def check_frontend_schema(ui: dict) -> list[str]:
     for i, m in enumerate(ui.get("models") or []):
         errs += _model_file_problems(m, f"models[{i}]")
     return errs
+
+
+# ----------------------------------------------------------------------------------------------
+# Node sizes as the frontend computes them (LiteGraph LGraphNode.computeSize, frontend 1.27)
+# ----------------------------------------------------------------------------------------------
+
+TITLE_HEIGHT = 30  # LiteGraph.NODE_TITLE_HEIGHT: drawn above `pos`, not part of `size`
+SLOT_HEIGHT = 20  # NODE_SLOT_HEIGHT: one row per socket input / output
+WIDGET_HEIGHT = 20  # NODE_WIDGET_HEIGHT (+4 spacing each, +8 after the last)
+DOM_WIDGET_MIN_HEIGHT = 50  # a multiline text / markdown widget's computeLayoutSize minHeight
+NODE_WIDTH = 140  # LiteGraph.NODE_WIDTH; x1.5 when the node has widgets
+WIDGET_PADDING = 42 + 2 * (15 + 6 + 10)  # BaseWidget minValueWidth + 2 * (margin + arrowMargin + arrowWidth)
+# Widgets frontend extensions add to core nodes (name, type, options): PreviewAny's read-only text
+EXTENSION_WIDGETS = {"PreviewAny": [("preview", "STRING", {"multiline": True})]}
+
+
+def text_width(text: str) -> float:
+    """An upper bound of the 14px Arial width of `text` (the frontend measures it on a canvas; its own
+    fallback is 0.6 em per character; capitals are counted wider)."""
+    return sum(11.0 if c.isupper() else 8.4 for c in text)
+
+
+def frontend_size(node_type: str, info: dict | None, title: str) -> tuple[float, float]:
+    """The size the frontend gives a node on load at least (it keeps max(stored size, this)).
+
+    Width: title, socket labels, widget labels + value room, or 1.5 x NODE_WIDTH with widgets.
+    Height: one 20px row per socket row (max of inputs, outputs), then 24px per widget (control
+    widgets included), 54px per multiline text widget, +8, +6. The title bar is above `pos`.
+    """
+    if info is None:  # Note / MarkdownNote: one text widget
+        widgets = [("text", "STRING", {"multiline": True})]
+        sockets: list[str] = []
+        outputs: list[str] = []
+    else:
+        widgets = [(n or "control_after_generate", tp, o) for n, tp, o in widget_slots(info)] + EXTENSION_WIDGETS.get(node_type, [])
+        sockets = list(socket_inputs(info))
+        outputs = list(info.get("output_name") or info["output"])
+    rows = max(len(sockets), len(outputs), 1)
+    labels = [n for n, tp, _ in widgets if tp not in ("CONTROL", "FILTER")]  # only input widgets have a label slot
+    widget_w = max((text_width(n) for n in labels), default=0)
+    in_w = max((text_width(n) for n in sockets), default=0)
+    out_w = max((text_width(n) for n in outputs), default=0)
+    slots_w = in_w + out_w + 2 * SLOT_HEIGHT + (5 if in_w and out_w else 0)
+    title_w = TITLE_HEIGHT + text_width(title) + TITLE_HEIGHT * 0.33
+    width = max(slots_w, widget_w + WIDGET_PADDING if widget_w else 0, title_w, NODE_WIDTH * (1.5 if widgets else 1))
+    height = rows * SLOT_HEIGHT
+    if widgets:
+        for _, tp, opts in widgets:
+            h = DOM_WIDGET_MIN_HEIGHT if tp == "STRING" and opts.get("multiline") else WIDGET_HEIGHT
+            height += h + 4
+        height += 8
+    return width, height + 6
+
+
+def node_box(node: dict, infos: dict[str, dict]) -> tuple[float, float, float, float]:
+    """(x, y, w, h) a UI node covers once loaded: max(stored, computed) size, title bar included."""
+    info = None if node["type"] in VIRTUAL_NODES else infos[node["type"]]
+    title = node.get("title") or (info["display_name"] if info else node["type"])
+    w, h = frontend_size(node["type"], info, title)
+    w, h = max(w, node["size"][0]), max(h, node["size"][1])
+    return node["pos"][0], node["pos"][1] - TITLE_HEIGHT, w, h + TITLE_HEIGHT
+
+
+def overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether two (x, y, w, h) boxes share area."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def inside(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether box a lies within box b."""
+    return b[0] <= a[0] and b[1] <= a[1] and a[0] + a[2] <= b[0] + b[2] and a[1] + a[3] <= b[1] + b[3]
+
+
+def check_layout(ui: dict, infos: dict[str, dict]) -> list[str]:
+    """Overlapping nodes, nodes outside every group (or in several), notes inside a group or far from all."""
+    errs: list[str] = []
+    boxes = {n["id"]: node_box(n, infos) for n in ui["nodes"]}
+    label = {n["id"]: f"node {n['id']} ({n.get('title') or n['type']})" for n in ui["nodes"]}
+    ids = sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            if overlap(boxes[a], boxes[b]):
+                errs.append(f"{label[a]} {boxes[a]} overlaps {label[b]} {boxes[b]}")
+    groups = ui.get("groups") or []
+    for g in groups:
+        for other in groups:
+            if other is not g and overlap(tuple(g["bounding"]), tuple(other["bounding"])):
+                errs.append(f"group {g['title']!r} overlaps group {other['title']!r}")
+    for n in ui["nodes"]:
+        box = boxes[n["id"]]
+        centre = (box[0] + box[2] / 2, box[1] + box[3] / 2, 0, 0)
+        holders = [g for g in groups if inside(centre, tuple(g["bounding"]))]  # the frontend's membership rule
+        if n["type"] in VIRTUAL_NODES:
+            if holders:
+                errs.append(f"{label[n['id']]} (a note) lies in group {holders[0]['title']!r}; notes go beside their group")
+            elif groups and min(_gap(box, tuple(g["bounding"])) for g in groups) > 80:
+                errs.append(f"{label[n['id']]} (a note) is not beside any group")
+            continue
+        if len(holders) != 1:
+            errs.append(f"{label[n['id']]} is in {len(holders)} groups, expected 1")
+            continue
+        x, y, w, h = holders[0]["bounding"]
+        title_h = holders[0].get("font_size", 24) * 1.4
+        if not inside(box, (x, y + title_h, w, h - title_h)):
+            errs.append(f"{label[n['id']]} {box} sticks out of group {holders[0]['title']!r} {holders[0]['bounding']}")
+    return errs
+
+
+def _gap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Distance between two boxes (0 when they touch or overlap)."""
+    dx = max(b[0] - (a[0] + a[2]), a[0] - (b[0] + b[2]), 0)
+    dy = max(b[1] - (a[1] + a[3]), a[1] - (b[1] + b[3]), 0)
+    return max(dx, dy)

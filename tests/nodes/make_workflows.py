@@ -12,12 +12,22 @@ checks that the committed files are exactly what this script writes, and validat
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.nodes.comfy_schema import ROOT, VIRTUAL_NODES, all_object_info, socket_inputs, widget_slots
+from tests.nodes.comfy_schema import (
+    ROOT,
+    TITLE_HEIGHT,
+    VIRTUAL_NODES,
+    all_object_info,
+    frontend_size,
+    socket_inputs,
+    text_width,
+    widget_slots,
+)
 
 OUT_UI = ROOT / "workflows"
 OUT_API = ROOT / "workflows" / "api"
@@ -26,6 +36,8 @@ UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE = "wan_2.1_vae.safetensors"
 BASE = "wan2.1_t2v_1.3B_fp16.safetensors"
 APT_FULL = "apt/wan2.1_t2v_apt_1step"  # what the training workflow's full save writes (models/diffusion_models)
+APT_FROM_LORA = "apt/wan2.1_t2v_apt_from_lora_1step"  # apt_train_from_lora's full save
+FEW_STEP_LORA = "apt/wan2.1_t2v_1.3B_few_step_lora.safetensors"  # the user's distilled LoRA (models/loras), a placeholder name
 MODELS = {
     UMT5: {"name": UMT5, "url": f"{HF}/text_encoders/{UMT5}", "directory": "text_encoders"},
     VAE: {"name": VAE, "url": f"{HF}/vae/{VAE}", "directory": "vae"},
@@ -60,7 +72,34 @@ def loader_nodes(first_id: int, unet: str | None = BASE) -> list[N]:
     return out
 
 
-def workflows() -> dict[str, list[N]]:
+@dataclass
+class G:
+    """A group of nodes: title, columns of node ids (each top to bottom), the note placed beside it."""
+
+    title: str
+    columns: list[list[int]]
+    note: int | None = None
+    color: str = "#3f789e"
+
+
+@dataclass
+class W:
+    """A workflow: its nodes and their groups (left to right)."""
+
+    nodes: list[N]
+    groups: list[G]
+
+
+BLUE, GREEN, PURPLE, YELLOW = "#3f789e", "#8A8", "#a1309b", "#b58b2a"  # the frontend's group colours
+
+
+def generation(sample: list[int], output: list[int], note: int) -> list[G]:
+    """Groups of the generation workflows: models (with the note on the generator file) | prompt and size | sample | decode and save."""
+    return [G("Models", [[1, 2, 3]], note, BLUE), G("Prompt and size", [[4, 5]], None, GREEN),
+            G("Sample", [sample], None, PURPLE), G("Decode and save", [output], None, YELLOW)]
+
+
+def workflows() -> dict[str, W]:
     video = {"width": 832, "height": 480, "length": 33, "batch_size": 1}
     t2v = [
         *loader_nodes(1, f"{APT_FULL}.safetensors"),
@@ -99,14 +138,15 @@ def workflows() -> dict[str, list[N]]:
     ]
     dataset_widgets = {"folder": "apt_media", "output_dir": "apt/datasets/my_dataset", "width": 832, "height": 480, "num_frames": 33,
                        "fps": 16.0, "caption_policy": "error", "shard_index": 0, "num_shards": 1, "mode": "append"}
+    note_dataset = ("**Data.** Put videos/images in `ComfyUI/input/apt_media` with captions in `manifest.jsonl` "
+                    "({\"file\", \"caption\"} per line) or a `<file>.txt` each. Unreadable files are skipped and listed in the "
+                    "report. The shards are built once: queuing again reuses them until a source file or a dataset setting changes.")
     prepare = [
         *loader_nodes(1, None),
         N(4, "APTDatasetFromFolder", dataset_widgets, {"vae": (3, 0), "clip": (2, 0)}),
         N(5, "PreviewAny", {}, {"source": (4, 1)}, title="Report"),
-        N(6, "MarkdownNote", {"text": "**Dataset preparation.** Put videos/images in `ComfyUI/input/apt_media` with captions in "
-                                        "`manifest.jsonl` ({\"file\", \"caption\"} per line) or a `<file>.txt` each. Several ComfyUI "
-                                        "instances can share one folder: give each its `shard_index` and the same `num_shards`. "
-                                        "Unreadable files are skipped and listed in the report."}),
+        N(6, "MarkdownNote", {"text": note_dataset + " Several ComfyUI instances can share one folder: give each its `shard_index` "
+                                                    "and the same `num_shards`."}),
     ]
     cd_widgets = {"iterations": 500, "lr": 1e-5, "batch_size": 1, "grad_accum": 1, "cd_steps": 32, "grid_shift": 24.0, "cfg": 1.0,
                   "lora_rank": 32, "seed": 0, "precision": "bf16", "gradient_checkpointing": True, "run_name": "cd", "resume": True}
@@ -114,6 +154,13 @@ def workflows() -> dict[str, list[N]]:
                    "ema_decay": 0.995, "lora_rank": 16, "val_every": 50, "val_seed": 0, "seed": 0, "precision": "bf16",
                    "gradient_checkpointing": True, "run_name": "apt", "resume": True}
     disc_widgets = {"mode": "lora", "head_layers": "auto", "lora_rank": 16}
+    note_stage2 = ("**Stage 2: adversarial post-training.** The discriminator is built from the ORIGINAL model (LoRA backbone + "
+                   "heads); APT Train alternates D and G steps with approximated R1 and outputs the EMA generator. Stop ends "
+                   "training within one step; queue again with resume on to continue from output/apt/runs/<run_name>. "
+                   "Memory: see docs/COMFYUI.md (Wan 1.3B at 480p x 33 frames fits 24 GB with these settings, estimate).")
+    note_outputs = ("**Outputs.** The LoRA loads with LoraLoaderModelOnly on the base model, the full file with UNETLoader "
+                    "(`apt_t2v_one_step`). Saves refuse to overwrite unless `overwrite` is on. The metrics plot and the decoded "
+                    "validation video show how training went.")
     train = [
         *loader_nodes(1, BASE),
         N(4, "APTDatasetFromFolder", dataset_widgets, {"vae": (3, 0), "clip": (2, 0)}),
@@ -134,11 +181,40 @@ def workflows() -> dict[str, list[N]]:
         N(16, "SaveVideo", {"filename_prefix": "video/apt_train_preview", "format": "auto", "codec": "auto"}, {"video": (15, 0)}),
         N(17, "PreviewAny", {}, {"source": (9, 3)}, title="APT report"),
         N(18, "PreviewAny", {}, {"source": (4, 1)}, title="Dataset report"),
-        N(19, "MarkdownNote", {"text": "**Single-GPU APT, end to end.** Dataset -> consistency distillation (LoRA) -> discriminator "
-                                         "(LoRA backbone on the original model) -> adversarial post-training -> save (LoRA for "
-                                         "LoraLoaderModelOnly, full for UNETLoader) -> preview. Stop ends training within one step; "
-                                         "queue again with resume on to continue from output/apt/runs/<run_name>. Memory: see "
-                                         "docs/COMFYUI.md (Wan 1.3B at 480p x 33 frames fits 24 GB with these settings, estimate)."}),
+        N(19, "MarkdownNote", {"text": "**Single-GPU APT, end to end:** data -> stage 1 -> stage 2 -> outputs. " + note_dataset}),
+        N(20, "MarkdownNote", {"text": "**Stage 1: consistency distillation.** Distils the base model (teacher) into a blurry one-step "
+                                         "generator (a LoRA) that stage 2 sharpens. Already hold a distilled few-step LoRA? Use "
+                                         "`apt_train_from_lora` and skip this stage."}),
+        N(21, "MarkdownNote", {"text": note_stage2}),
+        N(22, "MarkdownNote", {"text": note_outputs}),
+    ]
+    from_lora = [
+        *loader_nodes(1, BASE),
+        N(4, "LoraLoaderModelOnly", {"lora_name": FEW_STEP_LORA, "strength_model": 1.0}, {"model": (1, 0)}, title="Distilled few-step LoRA"),
+        N(5, "APTDatasetFromFolder", dataset_widgets, {"vae": (3, 0), "clip": (2, 0)}),
+        N(6, "APTDiscriminator", disc_widgets, {"model": (1, 0)}),
+        N(7, "CLIPTextEncode", {"text": PROMPT}, {"clip": (2, 0)}, title="Validation prompt"),
+        N(8, "EmptyHunyuanLatentVideo", video, title="Validation size"),
+        N(9, "APTTrain", {**apt_widgets, "run_name": "apt_from_lora"}, {"generator": (4, 0), "discriminator": (6, 0), "dataset": (5, 0),
+                                                                       "val_conditioning": (7, 0), "val_latent": (8, 0)}),
+        N(10, "APTSaveGenerator", {"format": "full", "filename": APT_FROM_LORA, "dtype": "bf16", "overwrite": False}, {"model": (9, 0)},
+          title="APT Save Generator (full)"),
+        N(11, "PreviewImage", {}, {"images": (9, 1)}, title="APT metrics"),
+        N(12, "VAEDecode", {}, {"samples": (9, 2), "vae": (3, 0)}),
+        N(13, "CreateVideo", {"fps": 16.0}, {"images": (12, 0)}),
+        N(14, "SaveVideo", {"filename_prefix": "video/apt_from_lora_preview", "format": "auto", "codec": "auto"}, {"video": (13, 0)}),
+        N(15, "PreviewAny", {}, {"source": (9, 3)}, title="APT report"),
+        N(16, "PreviewAny", {}, {"source": (5, 1)}, title="Dataset report"),
+        N(17, "MarkdownNote", {"text": "**APT from a distilled LoRA:** data -> your few-step LoRA (instead of stage 1) -> stage 2 -> "
+                                         "outputs. " + note_dataset}),
+        N(18, "MarkdownNote", {"text": "**Instead of stage 1: a distilled few-step LoRA.** Put a few-step (e.g. 4-step) distillation "
+                                         "LoRA for Wan 2.1 T2V 1.3B in `models/loras` and pick it in `lora_name`; the LoRA-applied "
+                                         "model is the generator APT starts from. The discriminator is still built from the "
+                                         "ORIGINAL model (UNETLoader, without the LoRA)."}),
+        N(19, "MarkdownNote", {"text": note_stage2.replace("output/apt/runs/<run_name>", "output/apt/runs/apt_from_lora")}),
+        N(20, "MarkdownNote", {"text": "**Outputs.** The full save bakes your LoRA and APT's into one checkpoint for UNETLoader "
+                                         "(`apt_t2v_one_step`): a LoRA file of APT's weights alone would not reproduce the generator "
+                                         "without your LoRA, so the LoRA format is refused for this MODEL."}),
     ]
     export = [
         N(1, "UNETLoader", {"unet_name": BASE, "weight_dtype": "default"}, models=(BASE,)),
@@ -156,12 +232,21 @@ def workflows() -> dict[str, list[N]]:
                                         "`torchrun ... -m training`). Paths are the cluster's."}),
     ]
     return {
-        "apt_t2v_one_step": t2v,
-        "apt_t2i_one_step": t2i,
-        "apt_t2v_two_step_refine": refine,
-        "apt_dataset_prepare": prepare,
-        "apt_train_single_gpu": train,
-        "apt_export_cluster_config": export,
+        "apt_t2v_one_step": W(t2v, generation([6], [7, 8, 9], 10)),
+        "apt_t2i_one_step": W(t2i, generation([6], [7, 8], 9)),
+        "apt_t2v_two_step_refine": W(refine, [G("Models", [[1, 2, 3]], None, BLUE), G("Prompt and size", [[4, 5]], None, GREEN),
+                                              G("Two-step sampling", [[6, 7, 8], [9, 10]], 14, PURPLE),
+                                              G("Decode and save", [[11, 12, 13]], None, YELLOW)]),
+        "apt_dataset_prepare": W(prepare, [G("Encoders", [[2, 3]], None, BLUE), G("Data", [[4], [5]], 6, GREEN)]),
+        "apt_train_single_gpu": W(train, [G("Data", [[1, 2, 3], [4, 18]], 19, BLUE), G("Stage 1: consistency distillation", [[5, 13]], 20, GREEN),
+                                          G("Stage 2: adversarial post-training", [[6, 7, 8], [9]], 21, PURPLE),
+                                          G("Outputs", [[10, 11, 17], [12], [14, 15, 16]], 22, YELLOW)]),
+        "apt_train_from_lora": W(from_lora, [G("Data", [[1, 2, 3], [5, 16]], 17, BLUE), G("Distilled LoRA (instead of stage 1)", [[4]], 18, GREEN),
+                                             G("Stage 2: adversarial post-training", [[6, 7, 8], [9]], 19, PURPLE),
+                                             G("Outputs", [[10, 15], [11], [12, 13, 14]], 20, YELLOW)]),
+        "apt_export_cluster_config": W(export, [G("Model and data", [[1, 2]], None, BLUE),
+                                                G("Training settings (not run)", [[3], [4, 5]], None, PURPLE),
+                                                G("Export", [[6, 7]], 8, YELLOW)]),
     }
 
 
@@ -189,8 +274,63 @@ def workflow_id(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/comfyui-apt/ComfyUI-APT/workflows/{name}.json"))
 
 
-def build_ui(name: str, nodes: list[N], infos: dict[str, dict]) -> dict:
-    """UI-format (v0.4) workflow of a node list."""
+# Layout (graph units): nodes in columns inside their group, groups left to right, each note above its group;
+# nodes that show a preview after a run (it can make them taller) come last in their column
+PAD, HEADER, GAP, GROUP_GAP, NOTE_GAP = 20, 50, 30, 80, 40
+MIN_WIDTH = 320  # wide enough to read a model file name in a combo
+MIN_SIZE = {"CLIPTextEncode": (400, 200), "PreviewImage": (360, 300), "PreviewAny": (360, 160), "SaveImage": (360, 320),
+            "SaveVideo": (360, 460)}  # room for the text / the image or video shown after a run (a square video: 460)
+
+
+def note_height(text: str, width: float) -> float:
+    """Room for a markdown note's text at `width` (~7.5 px per character, 22 px lines), generously."""
+    per_line = max(1, int((width - 40) / 7.5))
+    lines = sum(-(-max(1, len(par)) // per_line) for par in text.split("\n"))
+    return 60 + 22 * lines
+
+
+def layout(w: W, infos: dict[str, dict]) -> tuple[dict[int, tuple[list[float], list[float]]], list[dict]]:
+    """{node id: (pos, size)} and the UI groups: sizes are at least what the frontend computes for the
+    node (so it keeps them on load), columns as wide as their widest node, nothing overlapping."""
+    by_id = {n.id: n for n in w.nodes}
+    placed: dict[int, tuple[list[float], list[float]]] = {}
+    groups = []
+    x = 0
+    for g in w.groups:
+        cx, bottom = x + PAD, 0
+        for col in g.columns:
+            sizes = {}
+            for i in col:
+                n = by_id[i]
+                info = infos[n.type]
+                cw, ch = frontend_size(n.type, info, n.title or info["display_name"])
+                mw, mh = MIN_SIZE.get(n.type, (MIN_WIDTH, 0))
+                sizes[i] = (max(math.ceil(cw / 10) * 10, mw, MIN_WIDTH), max(math.ceil(ch / 10) * 10, mh))
+            width = max(sz[0] for sz in sizes.values())
+            y = HEADER + TITLE_HEIGHT
+            for i in col:
+                placed[i] = ([cx, y], [width, sizes[i][1]])
+                y += sizes[i][1] + GAP + TITLE_HEIGHT
+            bottom = max(bottom, y - GAP - TITLE_HEIGHT)
+            cx += width + GAP
+        gw = max(cx - GAP + PAD - x, math.ceil(text_width(g.title) * 24 / 14 / 10) * 10 + 2 * PAD)  # the title (24px) fits
+        gh = bottom + PAD
+        groups.append({"id": len(groups) + 1, "title": g.title, "bounding": [x, 0, gw, gh], "color": g.color, "font_size": 24,
+                       "flags": {}})
+        if g.note is not None:  # above the group: nodes that grow after a run (image/video previews) grow downwards
+            nh = math.ceil(note_height(by_id[g.note].widgets["text"], gw) / 10) * 10
+            placed[g.note] = ([x, -NOTE_GAP - nh], [gw, nh])
+        x += gw + GROUP_GAP
+    missing = sorted(set(by_id) - set(placed))
+    if missing:
+        raise ValueError(f"nodes {missing} are in no group")
+    return placed, groups
+
+
+def build_ui(name: str, w: W, infos: dict[str, dict]) -> dict:
+    """UI-format (v0.4) workflow of a workflow description."""
+    nodes = w.nodes
+    placed, groups = layout(w, infos)
     depth = _depths(nodes)
     order = {n.id: i for i, n in enumerate(sorted(nodes, key=lambda n: (depth[n.id], n.id)))}
     links: list[list] = []
@@ -204,14 +344,10 @@ def build_ui(name: str, nodes: list[N], infos: dict[str, dict]) -> dict:
             links.append([lid, src, slot, n.id, dst_slot, kind])
             out_links.setdefault((src, slot), []).append(lid)
             in_links[(n.id, inp)] = lid
-    rows: dict[int, int] = {}
     ui_nodes = []
     for n in sorted(nodes, key=lambda n: n.id):
-        col = depth[n.id]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
-        node: dict[str, Any] = {"id": n.id, "type": n.type, "pos": [40 + 380 * col, 40 + 260 * row], "size": [340, 220],
-                                "flags": {}, "order": order[n.id], "mode": 0}
+        pos, size = placed[n.id]
+        node: dict[str, Any] = {"id": n.id, "type": n.type, "pos": pos, "size": size, "flags": {}, "order": order[n.id], "mode": 0}
         if n.title:
             node["title"] = n.title
         if n.type in VIRTUAL_NODES:
@@ -237,15 +373,15 @@ def build_ui(name: str, nodes: list[N], infos: dict[str, dict]) -> dict:
             raise ValueError(f"{name}: node {n.id} ({n.type}) has no widgets {sorted(unknown)}")
         node["widgets_values"] = values
         ui_nodes.append(node)
+    # no extra.ds: the frontend then fits the view to the whole graph
     return {"id": workflow_id(name), "revision": 0, "last_node_id": max(n.id for n in nodes), "last_link_id": len(links),
-            "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}, "frontendVersion": "1.27.10"}, "version": 0.4}
+            "nodes": ui_nodes, "links": links, "groups": groups, "config": {}, "extra": {"frontendVersion": "1.27.10"}, "version": 0.4}
 
 
-def build_api(nodes: list[N], infos: dict[str, dict]) -> dict:
-    """API-format (prompt) twin of a node list."""
+def build_api(w: W, infos: dict[str, dict]) -> dict:
+    """API-format (prompt) twin of a workflow description."""
     out = {}
-    for n in sorted(nodes, key=lambda n: n.id):
+    for n in sorted(w.nodes, key=lambda n: n.id):
         if n.type in VIRTUAL_NODES:
             continue
         info = infos[n.type]
@@ -263,9 +399,9 @@ def generated() -> dict[Path, str]:
     """File path -> text of every workflow file."""
     infos = all_object_info()
     files = {}
-    for name, nodes in workflows().items():
-        files[OUT_UI / f"{name}.json"] = render(build_ui(name, nodes, infos))
-        files[OUT_API / f"{name}.json"] = render(build_api(nodes, infos))
+    for name, w in workflows().items():
+        files[OUT_UI / f"{name}.json"] = render(build_ui(name, w, infos))
+        files[OUT_API / f"{name}.json"] = render(build_api(w, infos))
     return files
 
 

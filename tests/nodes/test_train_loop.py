@@ -1,6 +1,7 @@
 """The training runs behind APT Train / APT Consistency Distill, on a tiny apt_core Wan and real shards."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from nodes.train_loop import (
     CDRun,
     CDSettings,
     export_weights,
+    load_tensors,
     make_loader,
     make_trainable,
     run_loop,
@@ -144,6 +146,27 @@ def test_full_generator_and_frozen_discriminator(shards, tmp_path):
     run_loop(run, 1)
     kind, weights = export_weights(run.generator, run.ema)
     assert kind == "full" and "head.modulation" in weights and not any("lora" in k for k in weights)
+
+
+def test_sfv_discriminator_run_uses_hinge_and_saves_the_heads_only(shards, tmp_path):
+    """APT Discriminator mode sfv: APT Train trains SF-V's heads with the hinge loss; the state holds the heads only."""
+    from apt_core.sfv import SFVDiscriminator
+
+    torch.manual_seed(1)
+    d = SFVDiscriminator(build_flow_model("tiny"), copy_backbone=False)
+    s = APTSettings(steps=2, lr=1e-3, batch_size=2, lora_rank=4, val_every=0)
+    run = APTRun(generator(4), d, make_loader(shards, 2, 0), s, CPU, tmp_path / "run")
+    assert run.trainer.config.loss == "hinge"
+    run_loop(run, 2)
+    assert [st for st, _ in run.history["d_loss"]] == [1, 2] and all(math.isfinite(v) for _, v in run.history["d_loss"])
+    saved = load_tensors(tmp_path / "run" / "discriminator.safetensors")
+    assert saved and all(k.startswith(("spatial.", "temporal.")) for k in saved)
+    again = APTRun(generator(4), SFVDiscriminator(build_flow_model("tiny"), copy_backbone=False), make_loader(shards, 2, 0), s,
+                   CPU, tmp_path / "run")
+    assert again.resume() and again.step_count == 2
+    for k, v in again.discriminator.state_dict().items():
+        if k in saved:
+            torch.testing.assert_close(v, saved[k])
 
 
 def test_cd_run_with_cfg(shards, tmp_path):

@@ -10,7 +10,9 @@ from tests.nodes.comfy_schema import (
     UUID_RE,
     all_object_info,
     check_frontend_schema,
+    check_layout,
     check_ui,
+    frontend_size,
     our_object_info,
     ui_to_api,
     widget_slots,
@@ -110,9 +112,72 @@ def test_required_workflow_contents():
             "SaveVideo"} <= types["apt_train_single_gpu"]
     assert "APTExportTrainConfig" in types["apt_export_cluster_config"]
     assert "SaveImage" in types["apt_t2i_one_step"]
+    assert {"UNETLoader", "LoraLoaderModelOnly", "APTDiscriminator", "APTTrain", "APTSaveGenerator"} <= types["apt_train_from_lora"]
+    assert "APTConsistencyDistill" not in types["apt_train_from_lora"]
     ui = _ui("apt_t2v_one_step")
     clip = next(n for n in ui["nodes"] if n["type"] == "CLIPLoader")
     assert clip["widgets_values"][1] == "wan" and clip["properties"]["models"][0]["directory"] == "text_encoders"
+
+
+def test_train_from_lora_starts_apt_from_the_lora_model():
+    """UNETLoader -> LoraLoaderModelOnly -> APT Train's generator; D from the original model; full save."""
+    api = json.loads((UI_DIR / "api" / "apt_train_from_lora.json").read_text())
+    by_type = {v["class_type"]: (k, v) for k, v in api.items()}
+    unet, lora, train = by_type["UNETLoader"][0], by_type["LoraLoaderModelOnly"], by_type["APTTrain"][1]
+    assert lora[1]["inputs"]["model"] == [unet, 0] and train["inputs"]["generator"] == [lora[0], 0]
+    assert by_type["APTDiscriminator"][1]["inputs"]["model"] == [unet, 0]
+    assert by_type["APTSaveGenerator"][1]["inputs"]["format"] == "full"
+    assert train["inputs"]["run_name"] != json.loads((UI_DIR / "api" / "apt_train_single_gpu.json").read_text())["9"]["inputs"]["run_name"]
+
+
+# -- layout: what the frontend shows -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layout_no_overlap_every_node_in_its_group(name, infos):
+    """With the sizes the frontend gives the nodes (LiteGraph computeSize), no two nodes overlap, every
+    node lies inside one group below its title, and each note sits beside a group (issue 15, defect 3)."""
+    ui = _ui(name)
+    assert ui["groups"], "no groups"
+    assert check_layout(ui, infos) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_sizes_are_kept_by_the_frontend(name, infos):
+    """The frontend keeps max(stored, computed) size on load: stored >= computed means it shows the stored layout."""
+    for n in _ui(name)["nodes"]:
+        info = None if n["type"] in ("Note", "MarkdownNote") else infos[n["type"]]
+        w, h = frontend_size(n["type"], info, n.get("title") or (info["display_name"] if info else n["type"]))
+        assert n["size"][0] >= w and n["size"][1] >= h, (n["id"], n["type"], n["size"], (w, h))
+
+
+# node.computeSize() read back in the real frontend (1.27.10, headless Chromium, tests/comfyui/test_browser.py)
+MEASURED = {
+    ("APTTrain", "APT Train (adversarial post-training)"): (265, 498), ("APTConsistencyDistill", "APT Consistency Distill"): (227, 386),
+    ("APTDatasetFromFolder", "APT Dataset From Folder"): (210, 294), ("APTExportTrainConfig", "APT Export Train Config (TOML)"): (243, 202),
+    ("APTSaveGenerator", "APT Save Generator (LoRA)"): (218, 130), ("APTOneStepSampler", "APT One-Step Sampler"): (210, 170),
+    ("APTSamplerSelect", "APT Sampler (SAMPLER)"): (203, 26), ("APTLoadDataset", "APT Load Dataset"): (210, 78),
+    ("RandomNoise", "RandomNoise"): (210, 82), ("CLIPTextEncode", "Prompt"): (210, 88), ("PreviewAny", "APT report"): (210, 88),
+    ("PreviewImage", "CD loss"): (140, 26), ("SamplerCustomAdvanced", "SamplerCustomAdvanced"): (203, 106),
+    ("BasicGuider", "BasicGuider"): (156, 46), ("VAEDecode", "VAE Decode"): (140, 46), ("SaveVideo", "Save Video"): (210, 106),
+    ("LoraLoaderModelOnly", "Distilled few-step LoRA"): (210, 82), ("MarkdownNote", "MarkdownNote"): (210, 88),
+}
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED))
+def test_frontend_size_rule_matches_the_real_frontend(key, infos):
+    """frontend_size: the height the frontend computes exactly, and at least its width (text widths are bounded)."""
+    node_type, title = key
+    w, h = frontend_size(node_type, None if node_type == "MarkdownNote" else infos[node_type], title)
+    assert h == MEASURED[key][1] and MEASURED[key][0] <= w <= MEASURED[key][0] + 120, (w, h)
+
+
+def test_training_workflows_are_grouped_by_stage():
+    for name, middle in (("apt_train_single_gpu", "Stage 1"), ("apt_train_from_lora", "LoRA")):
+        ui = _ui(name)
+        titles = [g["title"] for g in ui["groups"]]
+        assert titles[0] == "Data" and middle in titles[1] and titles[2].startswith("Stage 2") and titles[3] == "Outputs", titles
+        assert sum(n["type"] == "MarkdownNote" for n in ui["nodes"]) == 4  # one note beside each group
 
 
 # -- the validator can fail -------------------------------------------------------------------
@@ -162,8 +227,29 @@ def test_validator_catches_a_missing_seed_control(infos):
     (lambda ui: ui["nodes"][0]["inputs"].append({"name": "x", "type": "INT", "link": "1"}), ".link"),
     (lambda ui: _node(ui, "VAELoader")["properties"]["models"][0].__setitem__("url", "wan_2.1_vae.safetensors"), ".url"),
     (lambda ui: ui.__setitem__("groups", [{"title": "g", "bounding": [0, 0, 10]}]), "groups[0].bounding"),
-    (lambda ui: ui["extra"]["ds"].pop("offset"), "extra.ds.offset"),
+    (lambda ui: ui["extra"].__setitem__("ds", {"scale": 1}), "extra.ds.offset"),
 ])
 def test_frontend_schema_check_catches(mutation, expect):
     errs = check_frontend_schema(_mutated(mutation))
     assert any(expect in e for e in errs), errs
+
+
+def _shift(ui, node_id, dx, dy):
+    n = next(n for n in ui["nodes"] if n["id"] == node_id)
+    n["pos"] = [n["pos"][0] + dx, n["pos"][1] + dy]
+
+
+@pytest.mark.parametrize("mutation, expect", [
+    (lambda ui: _shift(ui, 2, 0, -60), "overlaps"),  # CLIPLoader onto UNETLoader
+    (lambda ui: _shift(ui, 6, 0, 2000), "in 0 groups"),
+    (lambda ui: ui["groups"][2]["bounding"].__setitem__(2, ui["groups"][2]["bounding"][2] - 40), "sticks out"),
+    (lambda ui: _node(ui, "MarkdownNote")["pos"].__setitem__(1, 2000), "not beside"),
+    (lambda ui: _node(ui, "MarkdownNote").__setitem__("pos", list(ui["groups"][0]["bounding"][:2])), "notes go beside"),
+    (lambda ui: _node(ui, "APTOneStepSampler").__setitem__("size", [100, 40]), None),  # the frontend grows it back: no error
+])
+def test_layout_check_catches(mutation, expect, infos):
+    errs = check_layout(_mutated(mutation), infos)
+    if expect is None:
+        assert errs == []
+    else:
+        assert any(expect in e for e in errs), errs

@@ -83,6 +83,17 @@ def test_overrides_parse_types_and_nesting(tmp_path):
         ("[apt.image]\nsteps = 0\n[apt.video]\nsteps = 0\n", ["--run.stage=apt"], r"apt.image.steps \+ apt.video.steps"),
         ('[parallel]\nattention = "flash2"\n', [], r"choose one of \['default', 'auto', 'flash', 'cudnn'"),
         ("", ["--parallel.compile=true", "--parallel.attention=auto"], r"parallel.attention='auto' has no effect under"),
+        ('[apt]\ndisc_kind = "gigagan"\n', [], r"apt.disc_kind: 'gigagan' is not allowed; choose one of \['apt', 'sfv'\]"),
+        ('[apt]\nloss = "wgan"\n', [], r"choose one of \['nonsaturating', 'relativistic', 'hinge'\]"),
+        ('[apt]\nr1_mode = "exakt"\n', [], r"apt.r1_mode: 'exakt' is not allowed; choose one of \['approx', 'exact'\]"),
+        ("[apt.sfv]\np_std = 0\n", [], r"apt.sfv.p_std must be > 0, got 0.0"),
+        ("[apt.sfv]\nbackbone_blocks = -1\n", [], r"apt.sfv.backbone_blocks must be >= 0"),
+        ("[apt.sfv]\nbackbone_blocks = 4\nhead_layers = [1, 4]\n", [],
+         r"apt.sfv.head_layers \[1, 4\]: need distinct 0-based block indices < apt.sfv.backbone_blocks=4"),
+        ("[apt.sfv]\nbogus = 1\n", [], r"unknown key\(s\) \['apt.sfv.bogus'\] in \[apt.sfv\]; allowed keys: \['backbone_blocks'"),
+        ('[run]\nstage = "apt"\n[apt]\nr1_mode = "exact"\n', [], r"apt.r1_mode='exact' does not run with parallel.strategy='fsdp'"),
+        ('[run]\nstage = "apt"\n[apt]\nr1_mode = "exact"\nloss = "relativistic"\n', ["--parallel.strategy=none"],
+         r"apt.r1_mode='exact' with apt.loss='relativistic'"),
     ],
 )
 def test_errors_name_the_key_and_the_allowed_values(tmp_path, text, overrides, match):
@@ -105,6 +116,21 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
     assert dumps(again) == saved.read_text()
     assert "[apt.video]\nsteps = 300\n" in saved.read_text()
+
+
+def test_sfv_settings_round_trip(tmp_path):
+    cfg = load_config(ROOT / "configs/tiny_cpu.toml", ["--apt.disc_kind=sfv", "--apt.loss=hinge", "--apt.r1_mode=exact",
+                                                       "--parallel.strategy=ddp", "--apt.sfv.backbone_blocks=2",
+                                                       "--apt.sfv.head_layers=[0, 1]", "--apt.sfv.p_mean=-2",
+                                                       "--apt.sfv.p_std=0.5", "--apt.sfv.head_channels=32"])
+    s = cfg.apt.sfv
+    assert (cfg.apt.disc_kind, cfg.apt.loss, cfg.apt.r1_mode) == ("sfv", "hinge", "exact")
+    assert (s.backbone_blocks, s.head_layers, s.p_mean, s.p_std, s.head_channels) == (2, [0, 1], -2.0, 0.5, 32)
+    saved = save_config(cfg, tmp_path / "config.toml")
+    assert "[apt.sfv]\nbackbone_blocks = 2\n" in saved.read_text()
+    assert load_config(saved) == cfg
+    d = RunConfig()  # defaults: the APT paper's D; SF-V's noise level when chosen
+    assert (d.apt.disc_kind, d.apt.r1_mode, d.apt.sfv.p_mean, d.apt.sfv.p_std) == ("apt", "approx", -1.0, 1.0)
 
 
 def test_cli_reports_config_errors_and_prints_config(tmp_path, capsys):

@@ -5,7 +5,10 @@ weights), validation outputs without side effects, and the monitor's files and w
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from safetensors.torch import load_file
 from apt_core.backbone import build_flow_model
 from apt_core.discriminator import APTDiscriminator
 from apt_core.models.io import load_state_dict_file, save_wan
+from apt_core.sfv import SFVDiscriminator
 from apt_core.shards import ShardWriter
 from bench.trainer_scaling import write_synthetic_shards
 from training.config import load_config
@@ -136,6 +140,53 @@ def test_apt_video_phase_starts_from_image_ema_and_original_discriminator(monkey
         assert {"d_loss", "g_loss", "d_acc", "logits_real", "logits_fake", "ar1"} <= set(metrics)
     finally:
         destroy()
+
+
+def test_sfv_discriminator_stage_trains_heads_only_on_a_frozen_half(monkeypatch, files, tmp_path):
+    # apt.disc_kind = "sfv" under FSDP2 (approximated R1): D = the ORIGINAL weights' first block, frozen, + heads
+    _env(monkeypatch)
+    cfg = load_config(ROOT / "configs/tiny_cpu.toml", [f"--run.dir={tmp_path}", f"--data.path={files['data']}",
+                                                      f"--model.init_from={files['base']}", "--apt.disc_kind=sfv",
+                                                      "--apt.loss=hinge", "--apt.sfv.p_mean=-0.5"])
+    world = init_distributed("cpu", "gloo")
+    try:
+        stage = APTStage(cfg, world, resolve_wan_config(cfg))
+        image, _ = plan_phases(cfg)
+        stage.begin_phase(image, first=True)
+        D = stage.discriminator
+        assert isinstance(D, SFVDiscriminator) and D.backbone_blocks == 1 and D.head_layers == [0] and D.p_mean == -0.5
+        base = load_state_dict_file(files["base"])
+        back = {k: v.full_tensor().clone() for k, v in D.state_dict().items() if k.startswith("backbone.")}
+        assert {k[len("backbone."):] for k in back} == {k for k in base if not k.startswith("blocks.1.")}  # block 1 not kept
+        for k, v in back.items():
+            torch.testing.assert_close(v, base[k[len("backbone."):]], rtol=0, atol=0)
+        loader = BucketedLoader(ShardDataset(image.data), image.micro_batch, 0, 1, seed=0)
+        for step in range(2):
+            metrics = stage.step(step, next(loader))
+        assert all(torch.isfinite(v) for v in metrics.values()) and {"d_loss", "g_loss", "ar1"} <= set(metrics)
+        for k, v in D.state_dict().items():
+            if k.startswith("backbone."):
+                torch.testing.assert_close(v.full_tensor(), back[k], rtol=0, atol=0)
+        heads = {id(p) for n, p in D.named_parameters() if n.startswith(("spatial.", "temporal."))}
+        assert {id(p) for p in stage.opt_d.state} == heads  # optimiser state for the heads only
+    finally:
+        destroy()
+
+
+def test_sfv_headless_run_with_exact_r1_finishes_with_finite_losses(files, tmp_path):
+    # the CLI, end to end: SF-V's recipe (hinge, exact R1 on the noised input) on one process
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "training", "--config", str(ROOT / "configs/tiny_cpu.toml"),
+                           f"--run.dir={tmp_path}", f"--data.path={files['data']}", "--apt.disc_kind=sfv", "--apt.loss=hinge",
+                           "--apt.r1_mode=exact", "--parallel.strategy=none", "--apt.image.steps=2", "--apt.video.steps=1",
+                           "--monitor.val_every=0", "--checkpoint.every=0", "--monitor.log_every=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "event" not in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r[k]) for r in rows for k in ("d_loss", "g_loss", "r1"))
+    assert (tmp_path / "export/apt_generator.safetensors").is_file()
 
 
 def test_validation_outputs_and_no_side_effects(run, files, tmp_path):
