@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from apt_core.shards import ShardWriter
+from apt_core.shards import BadSample, ShardWriter
 from bench.trainer_scaling import write_synthetic_shards
 from training.checkpoint import COMPLETE, CheckpointManager, ModelOptimState
 from training.config import load_config
@@ -88,7 +88,7 @@ def test_one_corrupt_sample_stops_the_run_by_file_and_index(run, tmp_path):
                 latent[5, 0, 1, 2] = 1e30
             w.add(latent, torch.randn(4, 32), f"caption {i}")
     run_dir = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 1 \(dataset index 3.*magnitude 1e\+30"):
+    with pytest.raises(BadSample, match=r"shard-00000-000001\.safetensors: sample 1 \(dataset index 3.*magnitude 1e\+30"):
         run(*TEACHER, f"--run.dir={run_dir}", f"--data.path={data}", "--run.steps=4", "--checkpoint.every=1",
             "--checkpoint.keep=2")
     assert not (run_dir / "export").exists()
