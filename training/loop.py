@@ -26,6 +26,7 @@ from apt_core.ema import EMA
 from apt_core.flow import add_noise, generate_one_step, sample_timesteps
 from apt_core.lora import inject_lora
 from apt_core.models.io import config_from_metadata, infer_wan_config, load_state_dict_file, read_metadata
+from apt_core.models.registry import family_of_preset
 from apt_core.models.wan import WanConfig, get_config
 from apt_core.sfv import SFVDiscriminator
 from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, make_rmsprop
@@ -90,10 +91,36 @@ def plan_phases(cfg: RunConfig) -> list[Phase]:
 # ----------------------------------------------------------------------------------------------
 
 
+def original_weights(cfg: RunConfig) -> tuple[str, str]:
+    """(G's, D's) ORIGINAL diffusion weights: model.init_from for both, or for a mixture-of-experts
+    preset the files of model.generator_expert / model.discriminator_expert (the family's choice by default)."""
+    m = cfg.model
+    if not m.expert_files:
+        if m.generator_expert or m.discriminator_expert:
+            raise ConfigError("model.generator_expert / model.discriminator_expert need model.expert_files (one file per expert)")
+        return m.init_from, m.init_from
+    if m.init_from:
+        raise ConfigError(f"give model.init_from ({m.init_from!r}) or model.expert_files, not both")
+    if cfg.run.stage != "apt":
+        raise ConfigError(f"model.expert_files is for run.stage = 'apt' (G and D from their experts); stage {cfg.run.stage!r} "
+                          "would need the experts switched by time, which is not supported")
+    files = {}
+    for entry in m.expert_files:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"model.expert_files entry {entry!r} must look like 'expert=path.safetensors'")
+        files[name.strip()] = path.strip()
+    try:
+        return family_of_preset(m.preset).expert_inits(files, m.generator_expert, m.discriminator_expert)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model.expert_files (preset {m.preset!r}): {e}") from e
+
+
 def resolve_wan_config(cfg: RunConfig) -> WanConfig:
-    """The architecture: from model.init_from (its metadata, else its shapes) or the preset."""
+    """The architecture: from G's original weights (model.init_from or its expert's file: its
+    metadata, else its shapes) or the preset."""
     overrides = {"in_dim": cfg.model.in_dim, "out_dim": cfg.model.in_dim} if cfg.model.in_dim else {}
-    path = cfg.model.init_from
+    path = original_weights(cfg)[0]
     if not path:
         return get_config(cfg.model.preset, **overrides)
     found = config_from_metadata(read_metadata(path), path)
@@ -147,7 +174,8 @@ def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, path: str, lor
 
 
 def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase: Phase) -> nn.Module:
-    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from) + fresh seeded heads; SF-V D
+    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from, or the discriminator expert's
+    file) + fresh seeded heads; SF-V D
     (apt.disc_kind = "sfv"): the first blocks of those weights, frozen, + fresh seeded heads."""
     a = cfg.apt
     if a.disc_kind == "sfv":
@@ -166,7 +194,7 @@ def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase
     if world.is_main:
         with torch.device("meta"):
             ref_backbone = WanFlowModel(config)
-        ref_backbone.load_state_dict(base_weights(config, cfg.model.init_from, cfg.run.seed), assign=True)
+        ref_backbone.load_state_dict(base_weights(config, original_weights(cfg)[1], cfg.run.seed), assign=True)
         with seeded(cfg.run.seed + 2):
             full = cls(ref_backbone, **kwargs).state_dict()
     return parallelize(disc, full, cfg.parallel, world)
@@ -347,7 +375,7 @@ class APTStage(Stage):
         c, a = self.cfg, self.cfg.apt
         lr, lr_d = phase.apt.learning_rates(a.lr)
         if first:
-            g_init = a.generator_init or c.model.init_from
+            g_init = a.generator_init or original_weights(c)[0]
             self.generator = build_flow(c, self.world, self.config, g_init, bool(c.model.lora_rank), True)
         else:  # paper: G starts the video phase from the image phase's EMA
             self.ema.copy_to(self.generator)
@@ -409,7 +437,7 @@ class ResumeMismatch(ConfigError):
 # settings whose change makes a checkpoint unloadable: (dotted key, stages it matters for)
 RESUME_KEYS = (("run.stage", None), ("model.lora_rank", None), ("apt.disc_mode", ("apt",)),
                ("apt.disc_lora_rank", ("apt",)), ("apt.head_layers", ("apt",)))
-ARCH_KEYS = ("model.preset", "model.in_dim", "model.init_from")
+ARCH_KEYS = ("model.preset", "model.in_dim", "model.init_from", "model.expert_files")
 
 
 def _dotted(d: dict, key: str) -> Any:
