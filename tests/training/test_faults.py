@@ -231,6 +231,11 @@ def test_resume_with_another_preset_names_the_setting(run, data, tmp_path):
     assert (tmp_path / "config.toml").read_text() == written  # checked before config.toml is rewritten
     run(*args, "--run.steps=2", "--teacher.lr=1e-5")  # other settings may change on resume
     assert "lr = 1e-05" in (tmp_path / "config.toml").read_text()
+    apt = [f"--run.dir={tmp_path / 'apt'}", f"--data.path={data}", "--apt.image.steps=1", "--apt.video.steps=0",
+           "--monitor.val_every=0", "--export.final=false"]
+    run(*apt)
+    with pytest.raises(ResumeMismatch, match=r"apt\.disc_kind = 'apt' there, 'sfv' now"):
+        run(*apt, "--apt.image.steps=2", "--apt.disc_kind=sfv")
 
 
 def test_run_lock_in_process(monkeypatch, tmp_path):
