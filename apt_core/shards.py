@@ -58,6 +58,10 @@ def _check_writer(shard_index: int, num_shards: int) -> None:
                          f"num_shards={num_shards!r}")
 
 
+class BadSample(ValueError):
+    """A stored sample the trainer must not use (NaN/Inf, absurd values); the message names file and index."""
+
+
 @dataclass
 class Sample:
     """One training sample: latent (or pixels) [C, F, H, W], text embedding [L, D] and provenance."""
@@ -364,7 +368,7 @@ class ShardReader:
         for key, t in (("latent", latent), ("text_emb", text_emb)):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
-                raise ValueError(f"{self.files[file_no]}: sample {j} (dataset index {i}, source "
+                raise BadSample(f"{self.files[file_no]}: sample {j} (dataset index {i}, source "
                                  f"{infos[j].get('source', '')!r}) has {bad} NaN/Inf values in {j}.{key}; "
                                  f"re-encode that sample or remove its shard")
         d = infos[j]

@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         print(dumps(cfg), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from apt_core.shards import BadSample
     from training.distributed import destroy
     from training.loop import ResumeMismatch, train
     from training.runlock import RunDirBusy
     from training.stop import EXIT_STOPPED
 
-    STOPS = (RunDirBusy, ResumeMismatch, FileExistsError, FileNotFoundError, FloatingPointError)
+    STOPS = (RunDirBusy, ResumeMismatch, BadSample, FileExistsError, FileNotFoundError, FloatingPointError)
 
     log = logging.getLogger("apt-train")
     ok = False

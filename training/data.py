@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from apt_core.shards import Sample, ShardReader
+from apt_core.shards import BadSample, Sample, ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ValueScale:
     def apply(self, x: torch.Tensor, where: str) -> torch.Tensor:
         """Stored sample -> model input (float pixels in [-1, 1], latents as stored); refuses bad values."""
         if self.space == "latent" and not x.is_floating_point():
-            raise ValueError(f"{where}: a latent stored as {x.dtype}; latents must be floating point "
+            raise BadSample(f"{where}: a latent stored as {x.dtype}; latents must be floating point "
                              f"(pixel datasets say so with metadata space='pixels')")
         if self.space == "pixels":
             lo, hi = self.value_range or ((0.0, 255.0) if x.dtype == torch.uint8 else (-1.0, 1.0))
@@ -83,7 +83,7 @@ class ValueScale:
             what = (f"pixels outside the metadata value_range {list(self.value_range or ())} (after mapping to "
                     f"[-1, 1]: max |x| = {peak:.4g})" if self.space == "pixels" else
                     f"a value of magnitude {peak:.4g} (> {self.limit:g}: corrupt or unnormalised latents)")
-            raise ValueError(f"{where} has {what}; fix or remove that sample")
+            raise BadSample(f"{where} has {what}; fix or remove that sample")
         return x
 
 

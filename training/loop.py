@@ -435,8 +435,9 @@ class ResumeMismatch(ConfigError):
 
 
 # settings whose change makes a checkpoint unloadable: (dotted key, stages it matters for)
-RESUME_KEYS = (("run.stage", None), ("model.lora_rank", None), ("apt.disc_mode", ("apt",)),
-               ("apt.disc_lora_rank", ("apt",)), ("apt.head_layers", ("apt",)))
+RESUME_KEYS = (("run.stage", None), ("model.lora_rank", None), ("apt.disc_kind", ("apt",)), ("apt.disc_mode", ("apt",)),
+               ("apt.disc_lora_rank", ("apt",)), ("apt.head_layers", ("apt",)), ("apt.sfv.backbone_blocks", ("apt",)),
+               ("apt.sfv.head_layers", ("apt",)), ("apt.sfv.head_channels", ("apt",)))
 ARCH_KEYS = ("model.preset", "model.in_dim", "model.init_from", "model.expert_files")
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from apt_core.shards import ShardWriter
+from apt_core.shards import BadSample, ShardWriter
 from bench.trainer_scaling import write_synthetic_shards
 from training.checkpoint import COMPLETE, CheckpointManager, ModelOptimState
 from training.config import load_config
@@ -88,7 +88,7 @@ def test_one_corrupt_sample_stops_the_run_by_file_and_index(run, tmp_path):
                 latent[5, 0, 1, 2] = 1e30
             w.add(latent, torch.randn(4, 32), f"caption {i}")
     run_dir = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 1 \(dataset index 3.*magnitude 1e\+30"):
+    with pytest.raises(BadSample, match=r"shard-00000-000001\.safetensors: sample 1 \(dataset index 3.*magnitude 1e\+30"):
         run(*TEACHER, f"--run.dir={run_dir}", f"--data.path={data}", "--run.steps=4", "--checkpoint.every=1",
             "--checkpoint.keep=2")
     assert not (run_dir / "export").exists()
@@ -231,6 +231,11 @@ def test_resume_with_another_preset_names_the_setting(run, data, tmp_path):
     assert (tmp_path / "config.toml").read_text() == written  # checked before config.toml is rewritten
     run(*args, "--run.steps=2", "--teacher.lr=1e-5")  # other settings may change on resume
     assert "lr = 1e-05" in (tmp_path / "config.toml").read_text()
+    apt = [f"--run.dir={tmp_path / 'apt'}", f"--data.path={data}", "--apt.image.steps=1", "--apt.video.steps=0",
+           "--monitor.val_every=0", "--export.final=false"]
+    run(*apt)
+    with pytest.raises(ResumeMismatch, match=r"apt\.disc_kind = 'apt' there, 'sfv' now"):
+        run(*apt, "--apt.image.steps=2", "--apt.disc_kind=sfv")
 
 
 def test_run_lock_in_process(monkeypatch, tmp_path):
