@@ -63,26 +63,15 @@ class WanConfig:
         return cls(**d)
 
 
-WAN_CONFIGS: dict[str, WanConfig] = {
-    "wan2.1-t2v-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    # Wan 2.2 A14B T2V: two experts (high/low noise), each with the 14B architecture.
-    "wan2.2-t2v-a14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    # Wan 2.2 TI2V 5B: 48-channel latents of the Wan 2.2 VAE.
-    "wan2.2-ti2v-5b": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
-    # ComfyUI-detectable tiny model (dim multiple of 128, heads = dim // 128, text_dim 4096).
-    "tiny-comfy": WanConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2),
-    # CPU-test sizes.
-    "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=16),
-    "small": WanConfig(dim=256, ffn_dim=1024, num_heads=2, num_layers=6, text_dim=256, text_len=64),
-}
-
-
 def get_config(name: str, **overrides) -> WanConfig:
-    """A named preset, optionally with fields replaced (e.g. `in_dim=3` for pixel models)."""
-    if name not in WAN_CONFIGS:
-        raise KeyError(f"unknown Wan config {name!r}; choose one of {sorted(WAN_CONFIGS)}")
-    return replace(WAN_CONFIGS[name], **overrides)
+    """A named preset of any registered family (apt_core.models.registry), optionally with fields
+    replaced (e.g. `in_dim=3` for pixel models)."""
+    from apt_core.models.registry import all_presets
+
+    presets = all_presets()
+    if name not in presets:
+        raise KeyError(f"unknown Wan config {name!r}; choose one of {sorted(presets)}")
+    return replace(presets[name], **overrides)
 
 
 def _hi(x: torch.Tensor) -> torch.Tensor:

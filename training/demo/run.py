@@ -409,7 +409,7 @@ def _recipe_text(r: dict | None) -> str:
     im, vd = r["image"], r["video"]
     return (
         f"\n\nAPT recipe here (`configs/demo_apt.toml`): {loss}, lambda {r['r1_lambda']:g}, "
-        f"D heads after blocks {[i + 1 for i in r['head_layers']]} of the teacher copy, RMSProp (Adam betas (0, 0.9)), "
+        f"D heads after blocks {[i + 1 for i in r['head_layers']]} of the teacher copy, RMSProp (alpha 0.9), "
         f"EMA {r['ema_decay']:g}; images {im['steps']} updates at batch {im['batch']}, lr {im['lr_g']:g} (G) / "
         f"{im['lr_d']:g} (D), sigma {im['r1_sigma']:g}; clips {vd['steps']} updates at batch {vd['batch']}, "
         f"lr {vd['lr_g']:g} / {vd['lr_d']:g}, sigma {vd['r1_sigma']:g}, G from the best image EMA, D fresh from the teacher"
