@@ -39,28 +39,31 @@ ATTACHMENT = "apt"  # ModelPatcher attachment key carrying what APT trained (see
 
 
 def family_problem(base_model: str, unet_config: dict) -> str | None:
-    """Why a MODEL is not a supported family (Wan 2.1 text-to-video), or None if it is."""
-    how = "Load a Wan 2.1 T2V diffusion model (e.g. wan2.1_t2v_1.3B_fp16.safetensors) with 'Load Diffusion Model' (UNETLoader)."
-    if base_model != "WAN21":
-        return f"APT nodes support Wan 2.1 text-to-video models (ComfyUI model class WAN21); this MODEL is a {base_model}. {how}"
+    """Why a MODEL is not one of the registered model families (apt_core.models.registry), or None if it is."""
+    from apt_core.models.registry import comfy_family, describe_supported
+
+    fam = comfy_family(base_model, unet_config)
+    if fam is not None and fam.in_nodes:
+        return None
     kind = unet_config.get("model_type", "t2v")
     in_dim = unet_config.get("in_dim", WAN_LATENT_CHANNELS)
-    if kind != "t2v" or in_dim != WAN_LATENT_CHANNELS:
-        return (
-            f"APT nodes support Wan 2.1 text-to-video only; this WAN21 MODEL is model_type={kind!r} with "
-            f"in_dim={in_dim} (image-to-video / control variants are not supported). {how}"
-        )
-    return None
+    out_dim = unet_config.get("out_dim", WAN_LATENT_CHANNELS)
+    known = f" ({fam.title}: supported in apt_core only, not by the nodes yet)" if fam is not None else ""
+    return (
+        f"APT nodes do not support this MODEL: ComfyUI model class {base_model}, model_type={kind!r}, in_dim={in_dim}, "
+        f"out_dim={out_dim}{known}. Supported: {describe_supported()}. Load one with 'Load Diffusion Model' (UNETLoader)."
+    )
 
 
 def latent_problem(shape: Sequence[int], channels: int = WAN_LATENT_CHANNELS, patch: tuple[int, int, int] = (1, 2, 2)) -> str | None:
-    """Why a LATENT of this shape cannot feed a Wan 2.1 model, or None if it can."""
+    """Why a LATENT of this shape cannot feed a model with `channels` latent channels, or None if it can."""
     shape = tuple(int(s) for s in shape)
-    fix = "Use EmptyHunyuanLatentVideo (width/height multiples of 16; length 1 for an image) or a Wan 2.1 VAE encode."
+    fix = ("Use an empty video latent (EmptyHunyuanLatentVideo; width/height multiples of 16; length 1 for an image) "
+           "or encode with the model's own VAE.")
     if len(shape) != 5:
-        return f"LATENT 'samples' has shape {list(shape)} (rank {len(shape)}); a Wan 2.1 model needs [B, {channels}, F, H, W] (rank 5). {fix}"
+        return f"LATENT 'samples' has shape {list(shape)} (rank {len(shape)}); this model needs [B, {channels}, F, H, W] (rank 5). {fix}"
     if shape[1] != channels:
-        return f"LATENT 'samples' has {shape[1]} channels (shape {list(shape)}); a Wan 2.1 model needs {channels}. {fix}"
+        return f"LATENT 'samples' has {shape[1]} channels (shape {list(shape)}); this model needs {channels}. {fix}"
     bad = [f"{ax}={n}" for ax, n, p in zip("FHW", shape[2:], patch) if n % p]
     if bad:
         return f"LATENT 'samples' shape {list(shape)}: {', '.join(bad)} not divisible by the patch size {list(patch)}. {fix}"
@@ -68,18 +71,18 @@ def latent_problem(shape: Sequence[int], channels: int = WAN_LATENT_CHANNELS, pa
 
 
 def context_problem(shape: Sequence[int], text_dim: int = WAN_TEXT_DIM) -> str | None:
-    """Why a CONDITIONING tensor cannot feed a Wan 2.1 model, or None if it can."""
+    """Why a CONDITIONING tensor cannot feed a Wan model (umT5-XXL text), or None if it can."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or shape[2] != text_dim:
         return (
-            f"CONDITIONING tensor has shape {list(shape)}; Wan 2.1 needs [B, L, {text_dim}] (umT5-XXL). "
+            f"CONDITIONING tensor has shape {list(shape)}; the model needs [B, L, {text_dim}] (umT5-XXL). "
             "Encode the prompt with CLIPLoader(type=wan) + CLIPTextEncode."
         )
     return None
 
 
 def check_model(model: Any) -> None:
-    """Raise ValueError unless `model` is a ComfyUI MODEL of a Wan 2.1 T2V network."""
+    """Raise ValueError unless `model` is a ComfyUI MODEL of a registered model family."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "diffusion_model"):
         raise ValueError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")

@@ -100,16 +100,25 @@ def encode_folder(
     return _encode_folder(items, writer, decode_config, encode_frames, encode_text, on_item)
 
 
+def vae_family(vae: Any) -> Any:
+    """The registered model family whose latents this ComfyUI VAE makes (by channel count), or a ValueError."""
+    from apt_core.models.registry import describe_supported, family_for_latent_channels
+
+    channels = int(getattr(vae, "latent_channels", WAN_LATENT_CHANNELS))
+    fam = family_for_latent_channels(channels)
+    if fam is None or not fam.comfy_latent_format:
+        raise ValueError(f"this VAE makes {channels}-channel latents, which no supported model family uses. Supported: {describe_supported()}")
+    return fam
+
+
 def comfy_encoders(vae: Any, clip: Any) -> tuple[Callable, Callable]:
     """(encode_frames, encode_text) over a ComfyUI VAE and CLIP."""
     import comfy.latent_formats
 
-    if getattr(vae, "latent_channels", WAN_LATENT_CHANNELS) != WAN_LATENT_CHANNELS:
-        raise ValueError(f"this VAE makes {vae.latent_channels}-channel latents; APT needs the Wan 2.1 VAE (16 channels, wan_2.1_vae.safetensors)")
-    fmt = comfy.latent_formats.Wan21()
+    fmt = getattr(comfy.latent_formats, vae_family(vae).comfy_latent_format)()
 
     def encode_frames(frames: torch.Tensor) -> torch.Tensor:
-        latent = vae.encode(frames.float().div(255.0))  # [1, 16, F', h, w] raw VAE space
+        latent = vae.encode(frames.float().div(255.0))  # [1, C, F', h, w] raw VAE space
         return fmt.process_in(latent.float().cpu())[0]
 
     def encode_text(caption: str) -> torch.Tensor:
@@ -139,7 +148,7 @@ class APTDatasetFromFolder:
 
         return {"required": {
             "folder": ("STRING", {"default": "apt_media", "tooltip": "Media folder: relative to ComfyUI's input/ folder, or an absolute path."}),
-            "vae": ("VAE", {"tooltip": "The Wan 2.1 VAE (VAELoader wan_2.1_vae.safetensors)."}),
+            "vae": ("VAE", {"tooltip": "The model family's VAE (VAELoader: wan_2.1_vae.safetensors, or wan2.2_vae.safetensors for Wan 2.2 TI2V-5B)."}),
             "clip": ("CLIP", {"tooltip": "The Wan text encoder (CLIPLoader type=wan, umT5-XXL)."}),
             "output_dir": ("STRING", {"default": "apt/datasets/my_dataset", "tooltip": "Shard directory: relative to ComfyUI's output/ folder, or absolute."}),
             "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Frames are resized and centre-cropped to this width."}),
@@ -173,8 +182,9 @@ class APTDatasetFromFolder:
         if not items:
             raise ValueError(f"no usable media in {src}.\n{scan.summary()}\nAdd videos/images with captions (manifest.jsonl "
                              "or a .txt per file), or set caption_policy to 'filename'.")
-        meta = {"producer": PRODUCER, "latent_space": "wan2.1 model space (latent_format.process_in)",
-                "latent_channels": WAN_LATENT_CHANNELS, "text_dim": WAN_TEXT_DIM, "size": [height, width],
+        fam = vae_family(vae)
+        meta = {"producer": PRODUCER, "latent_space": f"{fam.name} model space (latent_format.process_in)",
+                "latent_channels": fam.latent_channels, "text_dim": WAN_TEXT_DIM, "size": [height, width],
                 "num_frames": num_frames, "fps": fps}
         dest = resolve(output_dir, out_root, "output_dir")
         writer = ShardWriter(dest, meta, shard_index=shard_index, num_shards=num_shards, mode=mode)

@@ -87,9 +87,16 @@ class RunSection:
 class ModelSection:
     """The Wan DiT being trained."""
 
-    preset: str = opt("tiny", "apt_core.models.wan preset (tiny, small, wan2.1-t2v-1.3b, ...) for models built from scratch")
+    preset: str = opt("tiny", "a preset of a registered model family (apt_core.models.registry: tiny, tiny-ti2v, wan2.1-t2v-1.3b, wan2.2-ti2v-5b, ...) for models built from scratch")
     init_from: str = opt("", "safetensors in Wan keys (ComfyUI prefixes ok): the ORIGINAL diffusion weights; '' = seeded init")
     in_dim: int = opt(0, "override the preset's latent channels (3 for pixel models); 0 = preset's", bounds=NONNEG)
+    expert_files: list[str] = opt([], "mixture-of-experts presets (e.g. wan2.2-t2v-a14b): the ORIGINAL weights as one "
+                                  "safetensors per expert, 'expert=path' (e.g. ['high_noise=/m/high.safetensors', "
+                                  "'low_noise=/m/low.safetensors']); replaces init_from; apt stage only")
+    generator_expert: str = opt("", "expert whose file initialises the one-step generator; '' = the family's choice "
+                                "(wan2.2-t2v-a14b: high_noise, as t = 1 lies in its range)")
+    discriminator_expert: str = opt("", "expert whose file initialises the discriminator backbone; '' = the family's choice "
+                                    "(wan2.2-t2v-a14b: high_noise)")
     lora_rank: int = opt(0, "train LoRA adapters of this rank on the generator instead of all weights; 0 = full fine-tune", bounds=NONNEG)
     lora_alpha: float = opt(0.0, "LoRA alpha; 0 = rank", bounds=NONNEG)
 
@@ -221,6 +228,7 @@ class ExportSection:
 
     final: bool = opt(True, "export the (EMA) generator when the run ends")
     dtype: str = opt("bf16", "dtype of exported tensors", ("bf16", "fp16", "fp32"))
+    overwrite: bool = opt(False, "replace existing export files (also --overwrite); off: a run refuses at start")
 
 
 @dataclass
@@ -230,6 +238,8 @@ class MonitorSection:
     log_every: int = opt(10, "host-sync + write the buffered per-step metrics every N steps", bounds=AT_LEAST_1)
     progress: bool = opt(True, "tqdm bar on rank 0")
     tensorboard: bool = opt(False, "also write TensorBoard events to <run.dir>/tb (needs the tensorboard package)")
+    peak_tflops: float = opt(0.0, "dense bf16 peak TFLOP/s of one device, for the mfu metric; 0 = known GPUs "
+                             "(H100/H200 989, A100 312, B200 2250), no mfu on other devices", bounds=NONNEG)
     val_every: int = opt(0, "validation samples every N steps (and at the end); 0 = off", bounds=NONNEG)
     val_seeds: list[int] = opt([0, 1, 2, 3], "noise seeds per validation prompt (fixed across the run)", bounds=NONNEG)
     val_prompts: str = opt("", "safetensors with `context` [P, L, D] prompt embeddings; '' = the first val_num_prompts samples")
@@ -404,7 +414,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not cfg.data.path and (cfg.run.stage != "apt" or any(p.steps and not p.data for p in (cfg.apt.image, cfg.apt.video))):
         raise ConfigError("data.path is empty: set it to a shard directory (apt_core.shards.ShardWriter output)")
     g_init, g_key = generator_init(cfg)
-    if cfg.model.lora_rank and not g_init:
+    if cfg.model.lora_rank and not g_init and not cfg.model.expert_files:
         raise ConfigError(f"model.lora_rank = {cfg.model.lora_rank} on a seeded init ({g_key} = ''): Wan's init zeroes the "
                           "output head and LoRA keeps it frozen, so every LoRA gradient is zero and nothing would train; "
                           f"set {g_key} to trained weights, or model.lora_rank = 0 to train all weights")

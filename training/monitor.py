@@ -26,15 +26,6 @@ import torch
 from apt_core.fileio import atomic_path
 from training.distributed import World, all_reduce_mean
 
-# ComfyUI's Wan 2.1 latent -> RGB preview projection (latent_formats.Wan21): rgb = latent^T W + b.
-WAN21_LATENT_RGB = [
-    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
-    [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
-    [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
-    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
-]
-WAN21_LATENT_RGB_BIAS = [-0.1835, -0.0868, -0.3360]
-
 
 def _to_local(v: torch.Tensor) -> torch.Tensor:
     """A metric as a plain 0-d fp32 tensor (DTensor metrics, e.g. FSDP grad norms, are gathered: collective)."""
@@ -63,9 +54,12 @@ class MetricsLogger:
         self.bar = self.tb = None
         self.total_steps = total_steps
         self.global_batch = 0  # samples per optimiser step (set by the loop per phase): samples_s
+        self.step_flops = 0.0  # FLOPs of one optimiser step on one rank (counted by the loop): mfu
+        self.peak_tflops = 0.0  # one device's dense peak (peak_tflops()); 0 = no mfu
         self.rows: list[dict[str, Any]] = []  # the rows written by the last flush
-        # console output (rank 0, monitor.progress): a tqdm bar on a terminal, else one line per flush
-        self.lines = progress and world.is_main and not sys.stderr.isatty()
+        # console output (rank 0, monitor.progress): a tqdm bar (stderr) when stdout and stderr are a
+        # terminal, else one line per flush on stdout (log files get no bar redraws)
+        self.lines = progress and world.is_main and not (sys.stdout.isatty() and sys.stderr.isatty())
         self.verbose = progress and world.is_main
         if world.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,22 +106,24 @@ class MetricsLogger:
         it_s = (last_step - self._last_step) / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, last_step
         rows = []
-        for (step, phase, _), vals in zip(self._buffer, values):
+        for (step, phase, m), vals in zip(self._buffer, values):
             row: dict[str, Any] = {"step": step}
             if phase:
                 row["phase"] = phase
-            row.update({k: v for k, v in zip(keys, vals) if not math.isnan(v)})
+            row.update({k: v for k, v in zip(keys, vals) if k in m})  # a NaN the step returned stays NaN
             rows.append(row)
         rows[-1]["it_s"] = it_s
         if self.global_batch:
             rows[-1]["samples_s"] = it_s * self.global_batch
         rows[-1]["peak_mem_gib"] = _peak_memory_gib(self.world)
+        if self.step_flops and self.peak_tflops:
+            rows[-1]["mfu"] = self.step_flops * it_s / (self.peak_tflops * 1e12)
         self._buffer = []
         self.rows = rows
         if self.world.is_main:
             with open(self.path, "a") as f:
                 for row in rows:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json_line(row) + "\n")
             if self.tb is not None:
                 for row in rows:
                     for k, v in row.items():
@@ -147,7 +143,7 @@ class MetricsLogger:
         if not self.world.is_main:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "event": kind, "message": message, **fields}) + "\n")
+            f.write(json_line({"step": step, "event": kind, "message": message, **fields}) + "\n")
         if kind == "warning":
             warnings.warn(f"step {step}: {message}", RuntimeWarning, stacklevel=2)
         self.console(f"[step {step}] {kind}: {message}" if kind in ("warning", "validation") else f"[step {step}] {message}")
@@ -169,6 +165,21 @@ class MetricsLogger:
             self.tb.close()
 
 
+def json_line(row: dict[str, Any]) -> str:
+    """One valid JSON line: NaN and +-Inf (diverged metrics) become null, never the invalid `NaN` token."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()},
+                      allow_nan=False)
+
+
+def nonfinite_metrics(rows: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
+    """(step, metric names) of the first row with a NaN/Inf metric, or None."""
+    for row in rows:
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            return row["step"], bad
+    return None
+
+
 _BAR_KEYS = ("loss", "d_loss", "g_loss", "d_acc", "logits_real", "logits_fake", "lr", "it_s", "samples_s", "peak_mem_gib", "mfu")
 
 
@@ -184,6 +195,30 @@ def _peak_memory_gib(world: World) -> float:
     if torch.distributed.is_initialized() and world.world_size > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return float(t.item())
+
+
+# Dense bf16 peak TFLOP/s by GPU name (substring), for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_tflops(device: torch.device, configured: float = 0.0) -> float:
+    """One device's dense peak for MFU: the configured value, else a known GPU's, else 0 (no mfu)."""
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), 0.0)
+
+
+def count_flops(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """`fn(*args)` under torch.utils.flop_counter (matmuls, convolutions, attention); returns (result, FLOPs).
+    Counts what runs, so recomputed forwards (activation checkpointing) are included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args)
+    return out, float(counter.get_total_flops())
 
 
 _TB_MISSING_WARNED = False
@@ -259,12 +294,15 @@ def pairwise_distance(x: torch.Tensor) -> float:
 
 
 def preview_rgb(x: torch.Tensor, upscale: int = 8) -> np.ndarray:
-    """[C, F, H, W] -> uint8 frames [F, H*up, W*up, 3]: Wan latents through ComfyUI's fixed 16->3
-    projection, pixels ([-1, 1], C = 3) directly, other channel counts by their first 3 channels."""
+    """[C, F, H, W] -> uint8 frames [F, H*up, W*up, 3]: latents of a registered model family through
+    its fixed C->3 projection (ComfyUI's), pixels ([-1, 1], C = 3) directly, other counts by their first 3 channels."""
+    from apt_core.models.registry import family_for_latent_channels
+
     x = x.detach().float().cpu()
     c = x.shape[0]
-    if c == 16:
-        w, b = torch.tensor(WAN21_LATENT_RGB), torch.tensor(WAN21_LATENT_RGB_BIAS)
+    fam = family_for_latent_channels(c) if c != 3 else None
+    if fam is not None and fam.latent_rgb:
+        w, b = torch.tensor(fam.latent_rgb), torch.tensor(fam.latent_rgb_bias)
         rgb = torch.einsum("cfhw,cr->frhw", x, w) + b[None, :, None, None]
     elif c >= 3:
         rgb = x[:3].permute(1, 0, 2, 3)

@@ -38,6 +38,8 @@ def weight_files(cfg: RunConfig) -> list[tuple[str, str, str | None]]:
         out.append(("cd.teacher_from", c.cd.teacher_from, None))
         if c.cd.cfg_scale != 1.0:
             out.append(("cd.negative_embedding", c.cd.negative_embedding, "context"))
+    for i, entry in enumerate(c.model.expert_files):  # 'expert=path' (the form is checked by loop.original_weights)
+        out.append((f"model.expert_files[{i}]", entry.partition("=")[2].strip(), None))
     if c.run.stage == "apt":
         out.append(("apt.generator_init", c.apt.generator_init, None))
     if c.monitor.val_every:
@@ -80,6 +82,10 @@ def check_paths(cfg: RunConfig) -> None:
 def check_lora_trains(cfg: RunConfig) -> None:
     """Refuse LoRA on weights whose output head is all zero: the head is frozen, so every LoRA gradient is 0."""
     path, key = generator_init(cfg)
+    if cfg.model.lora_rank and not path and cfg.model.expert_files:
+        from training.loop import original_weights  # the family picks G's expert
+
+        path, key = original_weights(cfg)[0], "model.expert_files"
     if not cfg.model.lora_rank or not path:  # lora on a seeded init is refused by config.validate
         return
     with _open_safetensors(key, path) as f:

@@ -1,4 +1,4 @@
-"""Backbones: the Wan 2.1 DiT and its weights I/O."""
+"""Backbones: the Wan DiT, its weights I/O, and the model families (apt_core.models.registry)."""
 
 from apt_core.models.io import (
     WeightsMismatchError,
@@ -9,14 +9,27 @@ from apt_core.models.io import (
     save_state_dict_file,
     save_wan,
 )
-from apt_core.models.wan import WAN_CONFIGS, WanConfig, WanModel, build_wan, get_config
+from apt_core.models.registry import (
+    ModelFamily,
+    all_presets,
+    comfy_family,
+    detect_family,
+    families,
+    get_family,
+)
+from apt_core.models.wan import WanConfig, WanModel, build_wan, get_config
 
 __all__ = [
-    "WAN_CONFIGS",
+    "ModelFamily",
     "WanConfig",
     "WanModel",
     "WeightsMismatchError",
+    "all_presets",
     "build_wan",
+    "comfy_family",
+    "detect_family",
+    "families",
+    "get_family",
     "get_config",
     "infer_wan_config",
     "load_into",

@@ -79,7 +79,7 @@ class WeightsMismatchError(ValueError):
         where = f"weights in {self.source}" if self.source else "state dict"
         super().__init__(
             f"{where} do not match the model: {describe_mismatch(missing, unexpected, mismatched)}. "
-            f"Check that the file is a Wan 2.1 T2V DiT of the same size as the config ({hint})."
+            f"Check that the file is a Wan DiT of a registered family and the same size as the config ({hint})."
         )
 
 
@@ -232,17 +232,17 @@ def infer_wan_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = Non
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
-            raise KeyError(f"cannot infer a Wan config: key {key!r} is missing (is this a Wan 2.1 DiT state dict?)")
+            raise KeyError(f"cannot infer a Wan config: key {key!r} is missing (is this a Wan DiT state dict?)")
         return tuple(sd[key].shape)
 
     if "head.modulation" not in sd:
         raise KeyError(
-            f"not a Wan 2.1 DiT state dict: no 'head.modulation' key (first keys: {sorted(sd)[:_SHOW]}); "
+            f"not a Wan DiT state dict: no 'head.modulation' key (first keys: {sorted(sd)[:_SHOW]}); "
             f"the key prefixes understood are {KEY_PREFIXES}"
         )
-    for key, kind in (("img_emb.proj.0.bias", "I2V/FLF2V"), ("vace_patch_embedding.weight", "VACE")):
+    for key, kind in (("img_emb.emb_pos", "FLF2V"), ("vace_patch_embedding.weight", "VACE")):
         if key in sd:
-            raise ValueError(f"found {key!r}: this is a Wan {kind} checkpoint; only T2V checkpoints are supported")
+            raise ValueError(f"found {key!r}: this is a Wan {kind} checkpoint; only T2V and I2V checkpoints are supported")
     dim = shape("head.modulation")[-1]
     if num_heads is None:
         if dim % 128:
@@ -268,6 +268,7 @@ def infer_wan_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = Non
         patch_size=patch,
         qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
         cross_attn_norm="blocks.0.norm3.weight" in sd,
+        model_type="i2v" if "img_emb.proj.0.bias" in sd else "t2v",
     )
     fields.update(overrides)
     return WanConfig(**fields)

@@ -18,7 +18,9 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,12 +155,14 @@ def browser(comfy):
     sync_api = pytest.importorskip("playwright.sync_api", reason="browser test: pip install playwright (docs/COMFYUI.md)")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"browser test: no Chromium at {CHROMIUM} (apt-get install chromium, or set APT_CHROMIUM)")
-    # A user who has seen the tutorial; the bundled models are absent here (tiny ones are used instead).
-    # The navigation settings are stored: frontend 1.27.10 throws on a brand-new user, setting them from
-    # NavigationMode's onChange before they are registered (a page error unrelated to this pack).
+    # A user who has seen the tutorial; the bundled models are absent here (tiny ones are used instead);
+    # screenshots in full detail without minimap and canvas info. The navigation settings are stored:
+    # frontend 1.27.10 throws on a brand-new user, setting them from NavigationMode's onChange before
+    # they are registered (a page error unrelated to this pack).
     code, _ = comfy.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
                                        "Comfy.Canvas.NavigationMode": "legacy", "Comfy.Canvas.LeftMouseClickBehavior": "panning",
-                                       "Comfy.Canvas.MouseWheelScroll": "zoom", "LiteGraph.Canvas.MinFontSizeForLOD": 0})
+                                       "Comfy.Canvas.MouseWheelScroll": "zoom", "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+                                       "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False})
     assert code == 200, code
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -168,50 +172,79 @@ def browser(comfy):
         shutil.rmtree(comfy.dir / "models" / kind / "apt_test" / f"{RUN}-ui", ignore_errors=True)
 
 
-def open_template(page, comfy, name: str) -> None:
-    """Open the frontend and load `name` from the template browser, as a user does."""
-    page.goto(comfy.url)
-    page.wait_for_function("window.app && window.app.vueAppReady && window.app.graph", timeout=120_000)
+@dataclass
+class UI:
+    """The browser page shared by the workflows (booting the frontend is the slow part)."""
+
+    page: Any
+    errors: list[str] = field(default_factory=list)  # JavaScript errors since the last load
+    ready: bool = False  # the frontend is up and in a known state (reloaded after a failed test)
+
+
+@pytest.fixture(scope="module")
+def ui(browser):
+    context = browser.new_context(viewport={"width": 1600, "height": 900})
+    u = UI(context.new_page())
+    u.page.add_init_script(TOAST_RECORDER)
+    u.page.on("pageerror", lambda e: u.errors.append(f"{e.stack or e}"))
+    yield u
+    context.close()
+
+
+def open_template(ui: UI, comfy, name: str) -> None:
+    """Load `name` from the template browser, as a user does: sidebar Templates, ComfyUI-APT, the card."""
+    page = ui.page
+    if not ui.ready:
+        page.goto(comfy.url)
+        page.wait_for_function("window.app && window.app.vueAppReady && window.app.graph", timeout=120_000)
+    page.evaluate("() => { window.__aptToasts = []; for (const n of window.app.graph.nodes) n.__aptOld = true; }")
+    ui.errors.clear()
     page.locator(".templates-tab-button").first.click()
     page.get_by_role("option", name="ComfyUI-APT", exact=True).click()
     page.locator(f'[data-testid="template-workflow-{name}"]').click()
     expected = len(json.loads((ROOT / "workflows" / f"{name}.json").read_text())["nodes"])
-    page.wait_for_function(f"window.app.graph.nodes.length === {expected}", timeout=60_000)
+    page.wait_for_function(f"window.app.graph.nodes.length === {expected} && !window.app.graph.nodes.some((n) => n.__aptOld)",
+                           timeout=60_000)
     page.wait_for_timeout(1500)  # let the canvas draw and any toast or dialog appear
 
 
-@pytest.mark.parametrize("name", sorted(workflows()))
-def test_workflow_in_the_web_ui(comfy, browser, tmp_path, name):
-    context = browser.new_context(viewport={"width": 1600, "height": 900})
-    page = context.new_page()
-    page.add_init_script(TOAST_RECORDER)
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(f"{e.stack or e}"))
-    try:
-        open_template(page, comfy, name)
-        page.screenshot(path=str(tmp_path / f"{name}.png"))
-        nodes = page.evaluate(READ_GRAPH)
-        (tmp_path / f"{name}.nodes.json").write_text(json.dumps(nodes, indent=1))
-        problems = []
-        missing = page.locator(".comfy-missing-nodes")
-        if missing.count():
-            problems.append(f"missing-node dialog: {missing.first.inner_text()}")
-        problems += [f"toast: {t}" for t in page.evaluate("window.__aptToasts")]
-        problems += [f"page error: {e}" for e in errors]
-        problems += widget_mismatches(nodes, api_twin(name))
-        problems += overlaps(nodes)
-        assert not problems, f"{name} in the web UI (screenshot {tmp_path / (name + '.png')}):\n" + "\n".join(problems)
+def problems_in(ui: UI, name: str, nodes: list[dict]) -> list[str]:
+    """Everything a user would see go wrong with the loaded workflow (module docstring)."""
+    page, problems = ui.page, []
+    missing = page.locator(".comfy-missing-nodes")
+    if missing.count():
+        problems.append(f"missing-node dialog: {missing.first.inner_text()}")
+    problems += [f"toast: {t}" for t in page.evaluate("window.__aptToasts")]
+    problems += [f"page error: {e}" for e in ui.errors]
+    problems += widget_mismatches(nodes, api_twin(name))
+    problems += overlaps(nodes)
+    return problems
 
-        if name in QUEUED:
-            page.evaluate(MAKE_TINY, tiny_changes(name, f"{RUN}-ui"))
-            with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as sent:
-                page.locator('[data-testid="queue-button"]').first.click()
-            assert sent.value.status == 200, f"{name}: the UI's prompt was refused: {sent.value.text()[:3000]}"
-            entry = comfy.wait(sent.value.json()["prompt_id"], 600)
-            assert entry["status"]["status_str"] == "success", f"{name} queued from the UI failed: {error_of(entry)}"
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(tmp_path / f"{name}.queued.png"))
-            after = page.evaluate(READ_GRAPH)
-            (tmp_path / f"{name}.queued.nodes.json").write_text(json.dumps(after, indent=1))
-    finally:
-        context.close()
+
+@pytest.mark.parametrize("name", sorted(workflows()))
+def test_workflow_in_the_web_ui(comfy, ui, tmp_path, name):
+    page = ui.page
+    open_template(ui, comfy, name)
+    ui.ready = False  # until this test passes
+    shot = tmp_path / f"{name}.png"
+    page.screenshot(path=str(shot))
+    nodes = page.evaluate(READ_GRAPH)
+    (tmp_path / f"{name}.nodes.json").write_text(json.dumps(nodes, indent=1))
+    problems = problems_in(ui, name, nodes)
+    assert not problems, f"{name} in the web UI (screenshot {shot}):\n" + "\n".join(problems)
+
+    if name in QUEUED:
+        page.evaluate(MAKE_TINY, tiny_changes(name, f"{RUN}-ui"))
+        with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as sent:
+            page.locator('[data-testid="queue-button"]').first.click()
+        assert sent.value.status == 200, f"{name}: the UI's prompt was refused: {sent.value.text()[:3000]}"
+        entry = comfy.wait(sent.value.json()["prompt_id"], 600)
+        assert entry["status"]["status_str"] == "success", f"{name} queued from the UI failed: {error_of(entry)}"
+        page.wait_for_timeout(1500)  # the outputs' previews arrive and grow their nodes
+        shot = tmp_path / f"{name}.queued.png"
+        page.screenshot(path=str(shot))
+        after = page.evaluate(READ_GRAPH)
+        (tmp_path / f"{name}.queued.nodes.json").write_text(json.dumps(after, indent=1))
+        grown = overlaps(after) + [f"page error: {e}" for e in ui.errors]
+        assert not grown, f"{name} after its run in the web UI (screenshot {shot}):\n" + "\n".join(grown)
+    ui.ready = True

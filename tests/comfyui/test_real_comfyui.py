@@ -1,8 +1,9 @@
 """Integration suite against a REAL ComfyUI (skipped unless COMFYUI_DIR and COMFYUI_VENV are set).
 
-See docs/COMFYUI.md ("Running the real-ComfyUI suite"). The server runs on CPU, bound to 127.0.0.1,
-with this pack, shared/comfyui/tools/testnodes and tests/comfyui/apt_testnodes linked into its
-custom_nodes/. Models: the tiny random Wan 2.1 of make_tiny_wan.py (+ its random VAE) and
+See docs/COMFYUI.md ("Real-ComfyUI suite"). The server runs on CPU, bound to 127.0.0.1,
+with this pack, shared/comfyui/tools/testnodes and tests/comfyui/apt_testnodes linked into the
+custom_nodes/ of its own temporary base directory (harness.Comfy; the checkout's custom_nodes/ is left
+alone). One server serves the session (conftest.py). Models: the tiny random Wan 2.1 of make_tiny_wan.py (+ its random VAE) and
 make_tiny_variants.py. The umT5 text encoder cannot be had: prompts use testnodes'
 TestZeroConditioning and the dataset node's CLIP input apt_testnodes' APTTestStandInCLIP (stand-ins).
 """

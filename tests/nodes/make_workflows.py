@@ -279,7 +279,7 @@ def workflow_id(name: str) -> str:
 PAD, HEADER, GAP, GROUP_GAP, NOTE_GAP = 20, 50, 30, 80, 40
 MIN_WIDTH = 320  # wide enough to read a model file name in a combo
 MIN_SIZE = {"CLIPTextEncode": (400, 200), "PreviewImage": (360, 300), "PreviewAny": (360, 160), "SaveImage": (360, 320),
-            "SaveVideo": (360, 320)}  # room for the text / the image or video shown after a run
+            "SaveVideo": (360, 460)}  # room for the text / the image or video shown after a run (a square video: 460)
 
 
 def note_height(text: str, width: float) -> float:

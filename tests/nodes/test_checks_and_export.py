@@ -136,3 +136,11 @@ def test_discriminator_spec_names_what_differs_from_the_generator():
         spec.check_generator(model(num_layers=3))
     with pytest.raises(ValueError, match=r"shape mismatch.*blocks.0.ffn.0.weight: G \[96, 64\] vs D \[128, 64\]"):
         spec.check_generator(model(ffn_dim=96))
+
+
+def test_family_problem_accepts_wan22_ti2v_5b_and_lists_the_families():
+    # ComfyUI loads the 5B as model class WAN22 (supported_models.WAN22_T2V); refused before the registry
+    assert family_problem("WAN22", {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 48, "out_dim": 48}) is None
+    assert latent_problem((1, 48, 2, 4, 4), channels=48) is None
+    msg = family_problem("WAN22", {"model_type": "s2v", "in_dim": 48, "out_dim": 48})
+    assert "WAN22" in msg and "s2v" in msg and "Wan 2.2 TI2V-5B" in msg and "Wan 2.1 T2V" in msg

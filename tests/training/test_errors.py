@@ -143,12 +143,13 @@ def test_finished_run_says_so_and_more_steps_train_on(monkeypatch, files, tmp_pa
     args = [f"--run.dir={tmp_path}", f"--data.path={files['data']}", *TEACHER, "--checkpoint.every=1"]
     _train(monkeypatch, *args, "--run.steps=2")
     with pytest.raises(RunComplete, match=rf"{tmp_path} is already complete at step 2 .*use --run.dir=<new dir> for a new "
-                                          r"run, raise run.steps to train on, or --export-only"):
+                                          r"run, raise run.steps \(with --overwrite to replace its export\) to train "
+                                          r"on, or --export-only"):
         _train(monkeypatch, *args, "--run.steps=2")
     _env(monkeypatch)
     assert main(["--config", str(TINY), *args, "--run.steps=2"]) == 1
     assert "already complete at step 2" in capsys.readouterr().err
-    more = _train(monkeypatch, *args, "--run.steps=3")
+    more = _train(monkeypatch, *args, "--run.steps=3", "--export.overwrite=true")
     assert more["resumed_from"].endswith("step-2") and more["step"] == 3
     # at its last step but without its export (stopped by a signal there, or killed while exporting): export it
     Path(more["export"]["model"]).unlink()
