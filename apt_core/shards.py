@@ -58,6 +58,10 @@ def _check_writer(shard_index: int, num_shards: int) -> None:
                          f"num_shards={num_shards!r}")
 
 
+class BadSample(ValueError):
+    """A stored sample the trainer must not use (NaN/Inf, absurd values); the message names file and index."""
+
+
 @dataclass
 class Sample:
     """One training sample: latent (or pixels) [C, F, H, W], text embedding [L, D] and provenance."""
@@ -170,6 +174,8 @@ class ShardWriter:
             raise ValueError(f"{where}: text_len {s.text_len} outside [0, L={s.text_emb.shape[0]}]")
         if s.latent.is_floating_point() and not bool(torch.isfinite(s.latent).all()):
             raise ValueError(f"{where}: latent has NaN/Inf values; check the VAE encode")
+        if s.text_emb.is_floating_point() and not bool(torch.isfinite(s.text_emb).all()):
+            raise ValueError(f"{where}: text_emb has NaN/Inf values; check the text encoder")
         kind = (s.latent.dtype, s.text_emb.dtype, s.latent.shape[0], s.text_emb.shape[1])
         if self._dtypes is None:
             self._dtypes = kind
@@ -358,9 +364,21 @@ class ShardReader:
         if tuple(latent.shape) != self.shapes[i]:
             raise ValueError(f"{self.files[file_no]}: tensor {j}.latent has shape {tuple(latent.shape)}, "
                              f"index says {self.shapes[i]}")
+        text_emb = handle.get_tensor(f"{j}.text_emb")
+        for key, t in (("latent", latent), ("text_emb", text_emb)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise BadSample(f"{self.files[file_no]}: sample {j} (dataset index {i}, source "
+                                 f"{infos[j].get('source', '')!r}) has {bad} NaN/Inf values in {j}.{key}; "
+                                 f"re-encode that sample or remove its shard")
         d = infos[j]
-        return Sample(latent, handle.get_tensor(f"{j}.text_emb"), int(d["text_len"]), d["caption"], d["source"],
+        return Sample(latent, text_emb, int(d["text_len"]), d["caption"], d["source"],
                       float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})))
+
+    def locate(self, i: int) -> tuple[Path, int]:
+        """(shard file, position in that file) of sample i, for error messages."""
+        file_no, j = self._locate[self._index(i)]
+        return self.files[file_no], j
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):

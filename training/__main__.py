@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         "a run dir that already has one resumes automatically",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
-    p.add_argument("--export-only", action="store_true", help="load the newest checkpoint, export the generator, exit")
+    p.add_argument("--export-only", action="store_true",
+                   help="load the newest checkpoint (or --resume step-N), export the generator, exit; an earlier step "
+                        "than the run's last goes to <name>_step-N.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace existing export files (export.overwrite = true)")
     return p
 
 
@@ -50,19 +53,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"apt-train: config error: {e}", file=sys.stderr)
         return 2
+    if args.overwrite:
+        cfg.export.overwrite = True
     if args.print_config:
         print(dumps(cfg), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from apt_core.shards import BadSample
     from training.distributed import destroy
-    from training.loop import train
+    from training.loop import ResumeMismatch, train
+    from training.runlock import RunDirBusy
     from training.stop import EXIT_STOPPED
+
+    STOPS = (RunDirBusy, ResumeMismatch, BadSample, FileExistsError, FileNotFoundError, FloatingPointError)
 
     log = logging.getLogger("apt-train")
     ok = False
     try:
         result = train(cfg, resume=args.resume, export_only=args.export_only)
         ok = True
+    except STOPS as e:  # a refusal or a stop with its reason: the message, not a traceback
+        print(f"apt-train: error: {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         if "timed out" in str(e).lower() or "timeout" in str(e).lower():
             log.error("a collective waited longer than distributed.timeout_s = %g s: another rank stalled or died "

@@ -148,10 +148,15 @@ class CheckpointManager:
         return final
 
     def prune(self) -> list[Path]:
-        """Delete all but the newest `keep` complete checkpoints (rank 0 only; keep 0 = keep all)."""
+        """Delete all but the newest `keep` complete checkpoints (rank 0 only; keep 0 = keep all), never the
+        newest one whose weights were finite (COMPLETE marker `finite`; markers without it count as finite)."""
         if not self.world.is_main or self.keep == 0:
             return []
-        old = [p for _, p in self.complete()[: -self.keep]]
+        found = self.complete()
+        old = [p for _, p in found[: -self.keep]]
+        good = [p for _, p in found if is_finite(p)]
+        if good and good[-1] in old:  # the last known-good state survives any run of bad saves
+            old.remove(good[-1])
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
         return old
@@ -196,6 +201,14 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     if not m:
         raise ValueError(f"{path} is not a step-N checkpoint folder")
     return int(m.group(1))
+
+
+def is_finite(path: str | os.PathLike) -> bool:
+    """False only where the checkpoint's COMPLETE marker records non-finite weights (`"finite": false`)."""
+    try:
+        return json.loads((Path(path) / COMPLETE).read_text()).get("finite", True) is not False
+    except (OSError, ValueError):
+        return True
 
 
 def read_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -55,6 +55,13 @@ class ModelSection:
     preset: str = opt("tiny", "a preset of a registered model family (apt_core.models.registry: tiny, tiny-ti2v, wan2.1-t2v-1.3b, wan2.2-ti2v-5b, ...) for models built from scratch")
     init_from: str = opt("", "safetensors in Wan keys (ComfyUI prefixes ok): the ORIGINAL diffusion weights; '' = seeded init")
     in_dim: int = opt(0, "override the preset's latent channels (3 for pixel models); 0 = preset's")
+    expert_files: list[str] = opt([], "mixture-of-experts presets (e.g. wan2.2-t2v-a14b): the ORIGINAL weights as one "
+                                  "safetensors per expert, 'expert=path' (e.g. ['high_noise=/m/high.safetensors', "
+                                  "'low_noise=/m/low.safetensors']); replaces init_from; apt stage only")
+    generator_expert: str = opt("", "expert whose file initialises the one-step generator; '' = the family's choice "
+                                "(wan2.2-t2v-a14b: high_noise, as t = 1 lies in its range)")
+    discriminator_expert: str = opt("", "expert whose file initialises the discriminator backbone; '' = the family's choice "
+                                    "(wan2.2-t2v-a14b: high_noise)")
     lora_rank: int = opt(0, "train LoRA adapters of this rank on the generator instead of all weights; 0 = full fine-tune")
     lora_alpha: float = opt(0.0, "LoRA alpha; 0 = rank")
 
@@ -186,6 +193,7 @@ class ExportSection:
 
     final: bool = opt(True, "export the (EMA) generator when the run ends")
     dtype: str = opt("bf16", "dtype of exported tensors", ("bf16", "fp16", "fp32"))
+    overwrite: bool = opt(False, "replace existing export files (also --overwrite); off: a run refuses at start")
 
 
 @dataclass

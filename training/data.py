@@ -9,6 +9,7 @@ single process with the same global batch would see, in the same order.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from bisect import bisect_right
@@ -18,9 +19,72 @@ from typing import Any
 
 import torch
 
-from apt_core.shards import Sample, ShardReader
+from apt_core.shards import BadSample, Sample, ShardReader
 
 log = logging.getLogger(__name__)
+
+MAX_ABS_VALUE = 1e4  # |x| above this after scaling is corrupt data (model-space latents are O(1), pixels in [-1, 1])
+PIXEL_SLACK = 1e-2  # pixels may exceed [-1, 1] by this much after scaling (bf16/fp16 rounding)
+SPACES = ("latent", "pixels")
+
+
+@dataclass(frozen=True)
+class ValueScale:
+    """How a dataset's stored values become the model's inputs: pixels map `value_range` linearly onto
+    [-1, 1]; latents are used as stored (model space). `limit` bounds |x| after the mapping."""
+
+    space: str
+    value_range: tuple[float, float] | None  # pixels: the stored range (None: [0, 255] for uint8, else [-1, 1])
+    limit: float
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any], channels: int, where: str) -> ValueScale:
+        """Check `space`, `value_range` and `latent_norm` of a dataset's metadata (docs/SHARDS.md)."""
+        space = metadata.get("space", "latent")
+        if space not in SPACES:
+            raise ValueError(f"{where}: dataset metadata space={space!r}; expected one of {list(SPACES)}")
+        vr = metadata.get("value_range")
+        if vr is not None:
+            if space != "pixels":
+                raise ValueError(f"{where}: metadata value_range={vr!r} is only meaningful with space='pixels' "
+                                 f"(latents are used as stored); remove it or set space='pixels'")
+            ok = (isinstance(vr, list) and len(vr) == 2 and all(isinstance(v, (int, float)) for v in vr)
+                  and all(math.isfinite(v) for v in vr) and vr[0] < vr[1])
+            if not ok:
+                raise ValueError(f"{where}: metadata value_range={vr!r}; expected [low, high] with low < high")
+            vr = (float(vr[0]), float(vr[1]))
+        if "latent_norm" in metadata:
+            norm = metadata["latent_norm"]
+            if space != "latent":
+                raise ValueError(f"{where}: metadata latent_norm is set but space={space!r}")
+            if norm is None:
+                raise ValueError(f"{where}: metadata latent_norm is null, i.e. the latents are stored raw; the model "
+                                 f"trains on normalised latents (z - mean) / std: re-encode with the normalisation "
+                                 f"(the dataset node and apt-prepare store it) and record it as latent_norm")
+            ok = isinstance(norm, dict) and all(
+                isinstance(norm.get(k), list) and len(norm[k]) == channels
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in norm[k]) for k in ("mean", "std"))
+            if not ok or not all(v > 0 for v in norm["std"]):
+                raise ValueError(f"{where}: metadata latent_norm={norm!r}; expected {{'mean': [{channels} floats], "
+                                 f"'std': [{channels} floats > 0]}} for {channels}-channel latents")
+        return cls(space, vr, 1.0 + PIXEL_SLACK if space == "pixels" else MAX_ABS_VALUE)
+
+    def apply(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        """Stored sample -> model input (float pixels in [-1, 1], latents as stored); refuses bad values."""
+        if self.space == "latent" and not x.is_floating_point():
+            raise BadSample(f"{where}: a latent stored as {x.dtype}; latents must be floating point "
+                             f"(pixel datasets say so with metadata space='pixels')")
+        if self.space == "pixels":
+            lo, hi = self.value_range or ((0.0, 255.0) if x.dtype == torch.uint8 else (-1.0, 1.0))
+            if x.dtype == torch.uint8 or (lo, hi) != (-1.0, 1.0):
+                x = (x.float() - lo) * (2.0 / (hi - lo)) - 1.0
+        peak = float(x.abs().max()) if x.numel() else 0.0
+        if not peak <= self.limit:  # also catches NaN
+            what = (f"pixels outside the metadata value_range {list(self.value_range or ())} (after mapping to "
+                    f"[-1, 1]: max |x| = {peak:.4g})" if self.space == "pixels" else
+                    f"a value of magnitude {peak:.4g} (> {self.limit:g}: corrupt or unnormalised latents)")
+            raise BadSample(f"{where} has {what}; fix or remove that sample")
+        return x
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -45,6 +109,8 @@ class ShardDataset(torch.utils.data.Dataset):
         for r in self.readers:
             self._offsets.append(self._offsets[-1] + len(r))
             self.shapes.extend(r.shapes)
+        channels = self.shapes[0][0] if self.shapes else 0
+        self.scale = ValueScale.from_metadata(self.metadata, channels, f"shard directory {self.readers[0].root}")
 
     def __len__(self) -> int:
         return self._offsets[-1]
@@ -53,7 +119,11 @@ class ShardDataset(torch.utils.data.Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         k = bisect_right(self._offsets, i) - 1
-        return self.readers[k][i - self._offsets[k]]
+        reader, j = self.readers[k], i - self._offsets[k]
+        sample = reader[j]
+        path, pos = reader.locate(j)
+        sample.latent = self.scale.apply(sample.latent, f"{path}: sample {pos} (dataset index {i}, source {sample.source!r})")
+        return sample
 
 
 @dataclass

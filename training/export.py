@@ -20,10 +20,11 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from apt_core.backbone import WanFlowModel
+from apt_core.fileio import refuse_overwrite
 from apt_core.lora import base_state_dict, clean_path, inject_lora, lora_state_dict, merge_lora
 from apt_core.models.io import load_into, save_state_dict_file
 from apt_core.models.wan import WanConfig
-from training.distributed import World
+from training.distributed import World, broadcast_object
 from training.parallelize import reshard
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -55,11 +56,23 @@ def export_generator(
     lora_alpha: float | None = None,
     dtype: str = "bf16",
     metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write `<out_dir>/<name>.safetensors` (Wan keys, LoRA merged) and `<name>_lora.safetensors`
-    (ComfyUI LoRA keys, if `lora_rank`); EMA weights when `ema` is given. Returns the paths (rank 0)."""
+    (ComfyUI LoRA keys, if `lora_rank`); EMA weights when `ema` is given. Returns the paths (rank 0).
+    An existing file is refused (FileExistsError, before the weights are gathered) unless `overwrite`."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export.dtype={dtype!r}; choose one of {sorted(EXPORT_DTYPES)}")
+    error = None
+    if world.is_main:  # rank 0 writes the files; every rank must stop before the collective gather
+        try:
+            for path in export_files(out_dir, name, lora_rank):
+                refuse_overwrite(path, overwrite, "pass --overwrite (export.overwrite = true)")
+        except FileExistsError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error is not None:
+        raise FileExistsError(error)
     reshard(model)  # after an inference forward FSDP2 may still expose unsharded parameters
     swap = ema.swap_into(model) if ema is not None else contextlib.nullcontext()
     with swap:
@@ -74,14 +87,31 @@ def export_generator(
         inject_lora(cpu, lora_rank, lora_alpha)
         load_into(cpu, sd)
         lora = {k: v.float() if k.endswith(".alpha") else v.to(EXPORT_DTYPES[dtype]) for k, v in lora_state_dict(cpu).items()}
-        paths["lora"] = save_state_dict_file(lora, out_dir / f"{name}_lora.safetensors", metadata=meta, overwrite=True)
+        paths["lora"] = save_state_dict_file(lora, out_dir / f"{name}_lora.safetensors", metadata=meta, overwrite=overwrite)
         merge_lora(cpu)
         sd = base_state_dict(cpu)
     cast = {k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
     paths["model"] = save_state_dict_file(
-        cast, out_dir / f"{name}.safetensors", metadata=meta, overwrite=True, config=wan_config
+        cast, out_dir / f"{name}.safetensors", metadata=meta, overwrite=overwrite, config=wan_config
     )
     return paths
+
+
+def export_files(out_dir: str | os.PathLike, name: str, lora_rank: int = 0) -> list[Path]:
+    """The files `export_generator(out_dir, name, ...)` writes."""
+    out_dir = Path(out_dir)
+    return [out_dir / f"{name}.safetensors"] + ([out_dir / f"{name}_lora.safetensors"] if lora_rank else [])
+
+
+def read_export_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The `apt.export` metadata of an exported file (step, stage or phase, ema); {} if absent or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("apt.export", "{}"))
+    except Exception:  # noqa: BLE001 - a damaged or foreign file just has no provenance
+        return {}
 
 
 def _cpu_model(config: WanConfig) -> WanFlowModel:

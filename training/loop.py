@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from apt_core.backbone import WanCond, WanFlowModel, index_cond
@@ -25,17 +26,31 @@ from apt_core.ema import EMA
 from apt_core.flow import add_noise, generate_one_step, sample_timesteps
 from apt_core.lora import inject_lora
 from apt_core.models.io import config_from_metadata, infer_wan_config, load_state_dict_file, read_metadata
+from apt_core.models.registry import family_of_preset
 from apt_core.models.wan import WanConfig, get_config
 from apt_core.sfv import SFVDiscriminator
 from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, make_rmsprop
 from training import distributed as D
 from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState, read_info
-from training.config import RunConfig, dumps, save_config
+from training.config import ConfigError, RunConfig, dumps, load_config, save_config, to_dict
 from training.data import Batch, BucketedLoader, ShardDataset
-from training.export import export_generator
-from training.monitor import CollapseDetector, MetricsLogger, Validator, count_flops, peak_tflops
+from training.export import export_files, export_generator, read_export_info
+from training.monitor import (
+    CollapseDetector,
+    MetricsLogger,
+    Validator,
+    count_flops,
+    nonfinite_metrics,
+    peak_tflops,
+)
 from training.parallelize import autocast_dtype, parallelize, reshard
+from training.runlock import run_lock
 from training.stop import StopRequest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 
 @dataclass
@@ -76,10 +91,36 @@ def plan_phases(cfg: RunConfig) -> list[Phase]:
 # ----------------------------------------------------------------------------------------------
 
 
+def original_weights(cfg: RunConfig) -> tuple[str, str]:
+    """(G's, D's) ORIGINAL diffusion weights: model.init_from for both, or for a mixture-of-experts
+    preset the files of model.generator_expert / model.discriminator_expert (the family's choice by default)."""
+    m = cfg.model
+    if not m.expert_files:
+        if m.generator_expert or m.discriminator_expert:
+            raise ConfigError("model.generator_expert / model.discriminator_expert need model.expert_files (one file per expert)")
+        return m.init_from, m.init_from
+    if m.init_from:
+        raise ConfigError(f"give model.init_from ({m.init_from!r}) or model.expert_files, not both")
+    if cfg.run.stage != "apt":
+        raise ConfigError(f"model.expert_files is for run.stage = 'apt' (G and D from their experts); stage {cfg.run.stage!r} "
+                          "would need the experts switched by time, which is not supported")
+    files = {}
+    for entry in m.expert_files:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"model.expert_files entry {entry!r} must look like 'expert=path.safetensors'")
+        files[name.strip()] = path.strip()
+    try:
+        return family_of_preset(m.preset).expert_inits(files, m.generator_expert, m.discriminator_expert)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model.expert_files (preset {m.preset!r}): {e}") from e
+
+
 def resolve_wan_config(cfg: RunConfig) -> WanConfig:
-    """The architecture: from model.init_from (its metadata, else its shapes) or the preset."""
+    """The architecture: from G's original weights (model.init_from or its expert's file: its
+    metadata, else its shapes) or the preset."""
     overrides = {"in_dim": cfg.model.in_dim, "out_dim": cfg.model.in_dim} if cfg.model.in_dim else {}
-    path = cfg.model.init_from
+    path = original_weights(cfg)[0]
     if not path:
         return get_config(cfg.model.preset, **overrides)
     found = config_from_metadata(read_metadata(path), path)
@@ -133,7 +174,8 @@ def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, path: str, lor
 
 
 def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase: Phase) -> nn.Module:
-    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from) + fresh seeded heads; SF-V D
+    """APT D: a copy of the ORIGINAL diffusion weights (model.init_from, or the discriminator expert's
+    file) + fresh seeded heads; SF-V D
     (apt.disc_kind = "sfv"): the first blocks of those weights, frozen, + fresh seeded heads."""
     a = cfg.apt
     if a.disc_kind == "sfv":
@@ -152,7 +194,7 @@ def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase
     if world.is_main:
         with torch.device("meta"):
             ref_backbone = WanFlowModel(config)
-        ref_backbone.load_state_dict(base_weights(config, cfg.model.init_from, cfg.run.seed), assign=True)
+        ref_backbone.load_state_dict(base_weights(config, original_weights(cfg)[1], cfg.run.seed), assign=True)
         with seeded(cfg.run.seed + 2):
             full = cls(ref_backbone, **kwargs).state_dict()
     return parallelize(disc, full, cfg.parallel, world)
@@ -333,7 +375,7 @@ class APTStage(Stage):
         c, a = self.cfg, self.cfg.apt
         lr, lr_d = phase.apt.learning_rates(a.lr)
         if first:
-            g_init = a.generator_init or c.model.init_from
+            g_init = a.generator_init or original_weights(c)[0]
             self.generator = build_flow(c, self.world, self.config, g_init, bool(c.model.lora_rank), True)
         else:  # paper: G starts the video phase from the image phase's EMA
             self.ema.copy_to(self.generator)
@@ -388,6 +430,147 @@ STAGES = {"teacher": TeacherStage, "cd": CDStage, "apt": APTStage}
 # ----------------------------------------------------------------------------------------------
 
 
+class ResumeMismatch(ConfigError):
+    """The config differs from a resumed checkpoint's in a setting that fixes its tensors or entries."""
+
+
+# settings whose change makes a checkpoint unloadable: (dotted key, stages it matters for)
+RESUME_KEYS = (("run.stage", None), ("model.lora_rank", None), ("apt.disc_kind", ("apt",)), ("apt.disc_mode", ("apt",)),
+               ("apt.disc_lora_rank", ("apt",)), ("apt.head_layers", ("apt",)), ("apt.sfv.backbone_blocks", ("apt",)),
+               ("apt.sfv.head_layers", ("apt",)), ("apt.sfv.head_channels", ("apt",)))
+ARCH_KEYS = ("model.preset", "model.in_dim", "model.init_from", "model.expert_files")
+
+
+def _dotted(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def check_resume_config(cfg: RunConfig, config: WanConfig, start_path: Path) -> None:
+    """Refuse to resume `start_path` (by setting name) when its config.toml differs from `cfg` in the model
+    architecture, LoRA, D layout, stage or EMA presence; other settings (lr, steps, ...) may change."""
+    path = Path(start_path) / "config.toml"
+    if not path.is_file():
+        return
+    try:
+        old = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return
+    new = to_dict(cfg)
+    diffs = [f"{key} = {_dotted(old, key)!r} there, {_dotted(new, key)!r} now" for key, stages in RESUME_KEYS
+             if (stages is None or cfg.run.stage in stages) and _dotted(old, key) is not None
+             and _dotted(old, key) != _dotted(new, key)]
+    if cfg.run.stage in ("teacher", "cd"):
+        key = f"{cfg.run.stage}.ema_decay"
+        was = _dotted(old, key)
+        if was is not None and (was > 0) != (_dotted(new, key) > 0):
+            diffs.append(f"{key} = {was!r} there, {_dotted(new, key)!r} now (an EMA is kept only when > 0)")
+    try:
+        old_config = resolve_wan_config(load_config(path))
+    except (ConfigError, OSError, ValueError, RuntimeError):
+        old_config = None  # an older schema or a moved init_from file: compare the keys only
+    if old_config is not None and old_config != config:
+        fields = [f for f in old_config.__dataclass_fields__ if getattr(old_config, f) != getattr(config, f)]
+        arch = ", ".join(f"{f} {getattr(old_config, f)} -> {getattr(config, f)}" for f in fields)
+        changed = [f"{k} = {_dotted(old, k)!r} there, {_dotted(new, k)!r} now" for k in ARCH_KEYS
+                   if _dotted(old, k) != _dotted(new, k)] or ["the weights file model.init_from"]
+        diffs.append(f"{'; '.join(changed)}: the model architecture changes ({arch})")
+    if diffs:
+        raise ResumeMismatch(f"cannot resume from {start_path}: {'; '.join(diffs)}. These settings fix what the checkpoint "
+                             f"holds: set them back (its config.toml has the values), or start a new run with another "
+                             f"--run.dir")
+
+
+def load_checkpoint(ckpt: CheckpointManager, path: Path, state: dict[str, Any]) -> None:
+    """ckpt.load, with a shape or key mismatch (a setting the checks above do not cover) named as such."""
+    try:
+        ckpt.load(path, state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        if isinstance(e, ResumeMismatch) or not any(w in str(e).lower() for w in ("size", "shape", "missing", "unexpected")):
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        raise ResumeMismatch(f"checkpoint {path} does not fit this config ({first}); compare the config with its "
+                             f"config.toml (model.*, apt.disc_*, apt.head_layers), or start a new run with another "
+                             f"--run.dir") from e
+
+
+def stop_if_diverged(rows: list[dict[str, Any]] | None, ckpt: CheckpointManager) -> None:
+    """FloatingPointError when a logged metric is NaN/Inf (same rows on every rank: all stop together)."""
+    bad = nonfinite_metrics(rows or [])
+    if bad is not None:
+        step, keys = bad
+        raise FloatingPointError(f"step {step}: non-finite {', '.join(keys)} (NaN/Inf): training diverged; stopped "
+                                 f"without saving. Newest checkpoint: {ckpt.latest()}. Lower the learning rate (or "
+                                 f"raise apt.r1_lambda) and resume from it with --resume path/to/step-N")
+
+
+def first_nonfinite(stage: Stage) -> str | None:
+    """Name of the first generator / discriminator / EMA tensor holding NaN/Inf on any rank, or None
+    (collective: one all-reduce)."""
+    named: list[tuple[str, torch.Tensor]] = []
+    for prefix in ("generator", "discriminator"):
+        model = getattr(stage, prefix, None)
+        if model is not None:
+            named += [(f"{prefix}.{n}", p.detach()) for n, p in model.named_parameters()]
+    if stage.ema is not None:
+        named += [(f"ema.{n}", t) for n, t in zip(stage.ema.names, stage.ema.shadow)]
+    dev = stage.world.device
+    ok = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all().to(dev) for _, t in named]
+    bad = (~torch.stack(ok)).nonzero() if ok else torch.zeros(0, 1)
+    first = torch.tensor([int(bad[0, 0]) if len(bad) else len(named)], device=dev)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    i = int(first)
+    return named[i][0] if i < len(named) else None
+
+
+def check_weights(stage: Stage, step: int, ckpt: CheckpointManager) -> None:
+    """FloatingPointError naming the first non-finite weight, before anything is saved or exported."""
+    name = first_nonfinite(stage)
+    if name is not None:
+        raise FloatingPointError(f"step {step}: {name} holds NaN/Inf: the weights diverged; nothing was saved or "
+                                 f"exported. Newest checkpoint: {ckpt.latest()}. Lower the learning rate and resume "
+                                 f"from it with --resume path/to/step-N")
+
+
+def export_name(name: str, step: int, final_step: int) -> str:
+    """`name` for the run's final step; `name_step-N` for an earlier step (never the final export's file)."""
+    return name if step == final_step else f"{name}_step-{step}"
+
+
+def planned_exports(cfg: RunConfig, phases: list[Phase], k: int, step: int, export_only: bool) -> dict[str, dict]:
+    """File stem -> `apt.export` metadata of every export this call of train() will write (from phase k, at step)."""
+    out: dict[str, dict] = {}
+    if not export_only:
+        for i in range(k, len(phases) - 1):
+            if phases[i].name == "image":
+                out["apt_image_ema"] = {"step": phases[i].end, "phase": "image"}
+    if cfg.export.final or export_only:
+        end = step if export_only else phases[-1].end
+        out[export_name(STAGES[cfg.run.stage].export_name, end, phases[-1].end)] = {"stage": cfg.run.stage, "step": end}
+    return out
+
+
+def check_export_targets(out_dir: Path, planned: dict[str, dict], lora_rank: int, overwrite: bool, resumed: bool) -> None:
+    """Before training: FileExistsError for an export file this run would replace, unless `overwrite`. A resumed
+    run may rewrite its own export of the same step (left by the interrupted attempt: same weights)."""
+    if overwrite:
+        return
+    for name, meta in planned.items():
+        for path in export_files(out_dir, name, lora_rank):
+            if not path.exists():
+                continue
+            old = read_export_info(path)
+            if resumed and all(old.get(key) == v for key, v in meta.items()):
+                continue
+            raise FileExistsError(f"{path} already exists (exported at step {old.get('step', '?')}); this run would "
+                                  f"replace it. Pass --overwrite (export.overwrite = true) to allow that, move the "
+                                  f"file, or use another --run.dir")
+
+
 def _batches(loader: BucketedLoader, device: torch.device) -> Iterator[Batch]:
     for batch in loader:
         yield batch.to(device)
@@ -422,6 +605,9 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
         result = validator.run(lambda z, ctx: generate_one_step(g, z, WanCond(ctx)), step)
         reshard(g)  # before the swap restores the training weights into the shards
     logger.event(step, "validation", f"samples in {result.get('val_dir', '')}", **result)
+    if not result["val_finite"]:
+        logger.event(step, "warning", "validation samples contain NaN/Inf: the generator (EMA) has diverged; "
+                     "lower the learning rate and resume from an earlier checkpoint")
     if "val_dir" in result:
         logger.image("validation/grid", Path(result["val_dir"]) / "grid.png", step)
     warning = None if math.isnan(result["val_diversity"]) else detector.diversity_warning(result["val_diversity"])
@@ -431,11 +617,13 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
 
 
 def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False) -> dict[str, Any]:
-    """Run the configured stage to the end (resuming from the newest complete checkpoint if any)."""
+    """Run the configured stage to the end (resuming from the newest complete checkpoint if any), holding
+    the run directory's lock (training.runlock) throughout."""
     world = D.init_distributed(cfg.run.device, cfg.parallel.backend, cfg.distributed.timeout_s)
     stop = StopRequest().install(grace_s=cfg.distributed.timeout_s)
     try:
-        return _train(cfg, world, stop, resume, export_only)
+        with run_lock(cfg.run.dir, world):
+            return _train(cfg, world, stop, resume, export_only)
     finally:
         stop.uninstall()
 
@@ -453,14 +641,19 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
     """train() once the process group and the stop handlers are up."""
     torch.manual_seed(cfg.run.seed + world.rank)
     run_dir = Path(cfg.run.dir)
-    if world.is_main:
-        save_config(cfg, run_dir / "config.toml")
     ckpt = CheckpointManager(run_dir, world, keep=cfg.checkpoint.keep)
     ckpt.clean_partial()
     start_path = Path(resume) if isinstance(resume, str) else ckpt.latest()
     if resume is True and start_path is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.dir}")
+    if export_only and start_path is None:
+        raise FileNotFoundError(f"--export-only: no complete checkpoint in {ckpt.dir}, so nothing trained to export; "
+                                f"train first, or pass --resume path/to/step-N")
     config = resolve_wan_config(cfg)
+    if start_path is not None:
+        check_resume_config(cfg, config, start_path)  # before config.toml is rewritten
+    if world.is_main:
+        save_config(cfg, run_dir / "config.toml")
     phases = plan_phases(cfg)
     info = read_info(start_path) if start_path else {"step": 0, "phase": phases[0].name}
     step = int(info["step"])
@@ -469,6 +662,17 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
         raise ValueError(f"checkpoint {start_path} was taken in phase {info.get('phase')!r}, but run.stage="
                          f"{cfg.run.stage!r} has phases {names}; use another run.dir or the matching config")
     k = names.index(info["phase"])
+    exports = planned_exports(cfg, phases, k, step, export_only)
+    error = None
+    if world.is_main:  # rank 0 writes the exports; every rank stops together
+        try:
+            check_export_targets(run_dir / "export", exports, cfg.model.lora_rank, cfg.export.overwrite,
+                                 resumed=start_path is not None and not export_only)
+        except FileExistsError as e:
+            error = str(e)
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise FileExistsError(error)
     stage: Stage = STAGES[cfg.run.stage](cfg, world, config)
     logger = MetricsLogger(run_dir, world, phases[-1].end, cfg.monitor.log_every, cfg.monitor.progress and not export_only,
                            cfg.monitor.tensorboard, start_step=step)
@@ -482,8 +686,9 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
     lora = cfg.model.lora_rank
 
     def save(at: int, phase: Phase) -> Path:
-        logger.flush()
-        path = ckpt.save(at, state, files={"config.toml": dumps(cfg)}, info={"phase": phase.name})
+        stop_if_diverged(logger.flush(), ckpt)
+        check_weights(stage, at, ckpt)  # a non-finite state is never saved
+        path = ckpt.save(at, state, files={"config.toml": dumps(cfg)}, info={"phase": phase.name, "finite": True})
         logger.event(at, "checkpoint", f"checkpoint saved: {path}", checkpoint=str(path))
         return path
 
@@ -497,7 +702,7 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
                                 seed=cfg.run.seed + phase.index)
         state = {**stage.state(), "loader": ObjectState(loader)}
         if i == k and start_path is not None:
-            ckpt.load(start_path, state)
+            load_checkpoint(ckpt, start_path, state)
         if export_only:
             break
         validator = make_validator(cfg, world, dataset, run_dir)
@@ -517,12 +722,13 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
             step += 1
             rows = logger.log(step, metrics, phase.name)
             if rows:
+                stop_if_diverged(rows, ckpt)
                 warning = detector.observe(rows)
                 if warning:
                     logger.event(step, "warning", warning)
             last = step == phase.end
             if validator is not None and (step % cfg.monitor.val_every == 0 or last):
-                logger.flush()
+                stop_if_diverged(logger.flush(), ckpt)
                 result["validation"] = validate(stage, validator, step, logger, detector)
             saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last
             if saved:
@@ -538,8 +744,10 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
         if result.get("stopped"):
             break
         if phase.name == "image" and i + 1 < len(phases) and not export_only:
+            check_weights(stage, step, ckpt)
             export_generator(stage.generator, run_dir / "export", "apt_image_ema", world, config, stage.ema, lora,
-                             cfg.model.lora_alpha or None, cfg.export.dtype, {"step": step, "phase": "image"})
+                             cfg.model.lora_alpha or None, cfg.export.dtype, {"step": step, "phase": "image"},
+                             overwrite=True)  # checked at start (check_export_targets)
     logger.close()
     result["step"] = step
     result["metrics"] = logger.rows
@@ -547,9 +755,11 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
         D.barrier()
         return result
     if cfg.export.final or export_only:
-        paths = export_generator(stage.generator, run_dir / "export", stage.export_name, world, config, stage.ema, lora,
+        check_weights(stage, step, ckpt)
+        name = export_name(stage.export_name, step, phases[-1].end)
+        paths = export_generator(stage.generator, run_dir / "export", name, world, config, stage.ema, lora,
                                  cfg.model.lora_alpha or None, cfg.export.dtype,
-                                 {"stage": cfg.run.stage, "step": step})
+                                 {"stage": cfg.run.stage, "step": step}, overwrite=True)  # checked at start
         result["export"] = {k: str(v) for k, v in paths.items()}
     D.barrier()
     return result

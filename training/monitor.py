@@ -106,11 +106,11 @@ class MetricsLogger:
         it_s = (last_step - self._last_step) / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, last_step
         rows = []
-        for (step, phase, _), vals in zip(self._buffer, values):
+        for (step, phase, m), vals in zip(self._buffer, values):
             row: dict[str, Any] = {"step": step}
             if phase:
                 row["phase"] = phase
-            row.update({k: v for k, v in zip(keys, vals) if not math.isnan(v)})
+            row.update({k: v for k, v in zip(keys, vals) if k in m})  # a NaN the step returned stays NaN
             rows.append(row)
         rows[-1]["it_s"] = it_s
         if self.global_batch:
@@ -123,7 +123,7 @@ class MetricsLogger:
         if self.world.is_main:
             with open(self.path, "a") as f:
                 for row in rows:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json_line(row) + "\n")
             if self.tb is not None:
                 for row in rows:
                     for k, v in row.items():
@@ -143,7 +143,7 @@ class MetricsLogger:
         if not self.world.is_main:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "event": kind, "message": message, **fields}) + "\n")
+            f.write(json_line({"step": step, "event": kind, "message": message, **fields}) + "\n")
         if kind == "warning":
             warnings.warn(f"step {step}: {message}", RuntimeWarning, stacklevel=2)
         self.console(f"[step {step}] {kind}: {message}" if kind in ("warning", "validation") else f"[step {step}] {message}")
@@ -163,6 +163,21 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One valid JSON line: NaN and +-Inf (diverged metrics) become null, never the invalid `NaN` token."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()},
+                      allow_nan=False)
+
+
+def nonfinite_metrics(rows: list[dict[str, Any]]) -> tuple[int, list[str]] | None:
+    """(step, metric names) of the first row with a NaN/Inf metric, or None."""
+    for row in rows:
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            return row["step"], bad
+    return None
 
 
 _BAR_KEYS = ("loss", "d_loss", "g_loss", "d_acc", "logits_real", "logits_fake", "lr", "it_s", "samples_s", "peak_mem_gib", "mfu")

@@ -113,6 +113,24 @@ class ModelFamily:
                 return e
         raise KeyError(f"family {self.name!r} has no expert {name!r}; experts: {[e.name for e in self.experts] or 'none'}")
 
+    def expert_inits(
+        self, files: Mapping[str, str], generator: str = "", discriminator: str = ""
+    ) -> tuple[str, str]:
+        """(generator file, discriminator file) from one file per expert; '' picks the family's choice.
+
+        Every expert must have its file (and only the family's experts may be named), so a swapped or
+        missing file is an error naming the experts rather than a silent wrong init."""
+        if not self.experts:
+            raise ValueError(f"family {self.name!r} has no experts; give one weights file (model.init_from), not per-expert files")
+        names = [e.name for e in self.experts]
+        unknown, missing = sorted(set(files) - set(names)), [n for n in names if n not in files]
+        if unknown or missing:
+            raise ValueError(f"family {self.name!r} needs one file per expert {names}; "
+                             f"unknown: {unknown or 'none'}, missing: {missing or 'none'} (given: {sorted(files)})")
+        g = self.expert(generator or self.generator_expert).name
+        d = self.expert(discriminator or self.discriminator_expert).name
+        return files[g], files[d]
+
     def expert_for(self, t: float) -> Expert:
         """The expert whose range holds time t (the higher-noise one at a shared boundary)."""
         found = [e for e in self.experts if e.covers(t)]

@@ -116,3 +116,22 @@ def test_preview_projection_per_family():
         fam = family_for_latent_channels(channels)
         assert len(fam.latent_rgb) == channels and len(fam.latent_rgb_bias) == 3
         assert all(math.isfinite(v) for row in fam.latent_rgb for v in row)
+
+
+def test_a14b_experts_follow_the_public_boundary():
+    # Wan-Video/Wan2.2 wan/configs/wan_t2v_A14B.py: boundary 0.875; text2video.py: t >= boundary -> high-noise expert
+    fam = get_family("wan2.2-t2v-a14b")
+    cfg = get_config("wan2.2-t2v-a14b")
+    assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.in_dim) == (5120, 13824, 40, 40, 16)
+    assert fam.sample_shift == 12.0 and [e.name for e in fam.experts] == ["high_noise", "low_noise"]
+    assert fam.expert_for(1.0).name == "high_noise" and fam.expert_for(0.875).name == "high_noise"
+    assert fam.expert_for(0.87).name == "low_noise" and fam.expert_for(0.0).name == "low_noise"
+    assert fam.expert(fam.generator_expert).covers(1.0)  # the one-step generator starts from pure noise, t = 1
+    assert fam.generator_expert == fam.discriminator_expert == "high_noise"
+    files = {"high_noise": "h.safetensors", "low_noise": "l.safetensors"}
+    assert fam.expert_inits(files) == ("h.safetensors", "h.safetensors")
+    assert fam.expert_inits(files, discriminator="low_noise") == ("h.safetensors", "l.safetensors")
+    with pytest.raises(ValueError, match="missing: \\['low_noise'\\]"):
+        fam.expert_inits({"high_noise": "h.safetensors"})
+    # one expert file has a 14B T2V file's shapes: detected as Wan 2.1 T2V, as ComfyUI loads it (WAN21)
+    assert detect_family(build_flow_model("tiny-a14b", device="meta").state_dict()).name == "wan2.1-t2v"

@@ -198,3 +198,29 @@ def test_reader_pickles_without_open_handles(tmp_path: Path) -> None:
     _ = r[0]
     r2 = pickle.loads(pickle.dumps(r))
     assert_same(r2[0], make_sample(0))
+
+
+def test_reader_refuses_non_finite_values_by_file_and_index(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    with ShardWriter(tmp_path, META, samples_per_shard=2) as w:
+        for i in range(4):
+            w.add_sample(make_sample(i, torch.float32))
+        with pytest.raises(ValueError, match=r"sample 4 .*text_emb has NaN/Inf"):  # the writer checks text too
+            w.add(torch.zeros(4, 2, 3, 5), torch.full((2, 8), float("inf")), "bad")
+    # bit rot or another producer: an Inf in a stored text embedding and a NaN in a latent
+    shard = tmp_path / "shard-00000-000001.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(shard)
+    tensors["0.text_emb"][1, 2] = float("inf")
+    tensors["1.latent"][0, 0, 0, :2] = float("nan")
+    save_file(tensors, str(shard), metadata=header)
+    r = ShardReader(tmp_path)
+    assert_same(r[1], make_sample(1, torch.float32))
+    with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 0 \(dataset index 2, source "
+                                         r"'/data/clip_2\.mp4'\) has 1 NaN/Inf values in 0\.text_emb"):
+        r[2]
+    with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 1 .* 2 NaN/Inf values in 1\.latent"):
+        r[3]
+    assert r.locate(3) == (shard, 1)

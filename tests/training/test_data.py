@@ -141,3 +141,82 @@ def test_dataset_over_several_directories(tmp_path: Path) -> None:
         ShardDataset([tmp_path / "a", tmp_path / "c"])
     batch = next(BucketedLoader(ds, batch_size=5)).to("cpu", torch.float32)
     assert batch.latent.dtype == torch.float32 and sorted(batch.indices.tolist()) == list(range(5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Value scale and corrupt samples (docs/SHARDS.md "Values the trainer accepts")
+# ----------------------------------------------------------------------------------------------
+
+
+def test_uint8_pixel_shards_train_on_minus_one_to_one(tmp_path: Path) -> None:
+    frames = torch.tensor([0, 255, 128, 64], dtype=torch.uint8).reshape(1, 1, 2, 2).repeat(3, 2, 1, 1)
+    with ShardWriter(tmp_path / "u8", {"space": "pixels"}) as w:  # value_range defaults to [0, 255] for uint8
+        w.add(frames, torch.zeros(2, 3), "pixels")
+    with ShardWriter(tmp_path / "u8r", {"space": "pixels", "value_range": [0, 255]}) as w:
+        w.add(frames, torch.zeros(2, 3), "pixels")
+    with ShardWriter(tmp_path / "unit", {"space": "pixels", "value_range": [0, 1]}) as w:
+        w.add(frames.float() / 255, torch.zeros(2, 3), "pixels in [0, 1]")
+    expected = frames.float() / 127.5 - 1
+    for name in ("u8", "u8r", "unit"):
+        x = ShardDataset(tmp_path / name)[0].latent
+        assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1, name
+        torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+    batch = next(BucketedLoader(ShardDataset(tmp_path / "u8"), batch_size=1))
+    assert batch.latent.dtype == torch.float32 and batch.latent.abs().max() == 1
+
+
+def test_corrupt_samples_are_refused_by_file_and_index(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path / "nan_text", META) as w, pytest.raises(ValueError, match="text_emb has NaN/Inf"):
+        w.add(torch.zeros(4, 1, 2, 2), torch.tensor([[0.0, float("nan"), 0.0]]), "x")
+    with ShardWriter(tmp_path / "big", META, samples_per_shard=2) as w:
+        for i in range(4):
+            w.add(torch.full((4, 1, 2, 2), 1e30 if i == 3 else 0.5), torch.zeros(2, 3), f"c{i}")
+    ds = ShardDataset(tmp_path / "big")
+    assert float(ds[2].latent.max()) == 0.5
+    with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 1 \(dataset index 3.*magnitude 1e\+30"):
+        ds[3]
+    # another producer wrote a NaN into a stored latent (the writer itself refuses them)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shard = tmp_path / "big/shard-00000-000000.safetensors"
+    with safe_open(str(shard), "pt") as f:
+        header = f.metadata()
+    tensors = load_file(shard)
+    tensors["1.latent"][2, 0, 1, 1] = float("nan")
+    save_file(tensors, str(shard), metadata=header)
+    with pytest.raises(ValueError, match=r"shard-00000-000000\.safetensors: sample 1 \(dataset index 1.* 1 NaN/Inf values in 1\.latent"):
+        ShardDataset(tmp_path / "big")[1]
+    with pytest.raises(ValueError, match="NaN/Inf"):  # the loader passes the error on
+        for _ in range(4):
+            next(BucketedLoader(ds, batch_size=2))
+    with ShardWriter(tmp_path / "p", {"space": "pixels"}) as w:  # float pixels in 0..255 without value_range
+        w.add(torch.full((3, 1, 2, 2), 200.0), torch.zeros(2, 3), "x")
+    with pytest.raises(ValueError, match=r"sample 0 .* pixels outside the metadata value_range"):
+        ShardDataset(tmp_path / "p")[0]
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"space": "rgb"}, r"space='rgb'; expected one of \['latent', 'pixels'\]"),
+    ({"space": "latent", "latent_norm": None}, "stored raw"),
+    ({"space": "latent", "latent_norm": {"mean": [0.0], "std": [1.0]}}, r"\[4 floats\]"),
+    ({"latent_norm": {"mean": [0.0] * 4, "std": [1.0, 1.0, 0.0, 1.0]}}, "floats > 0"),
+    ({"space": "pixels", "value_range": [1, 0]}, "low < high"),
+    ({"space": "latent", "value_range": [0, 255]}, "only meaningful with space='pixels'"),
+])
+def test_dataset_metadata_is_checked(tmp_path: Path, meta: dict, message: str) -> None:
+    with ShardWriter(tmp_path, meta) as w:
+        w.add(torch.zeros(4, 1, 2, 2), torch.zeros(2, 3), "x")
+    with pytest.raises(ValueError, match=message):
+        ShardDataset(tmp_path)
+
+
+def test_uint8_latents_are_refused(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, {"space": "latent"}) as w:
+        w.add(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(2, 3), "x")
+    with pytest.raises(ValueError, match="latent stored as torch.uint8"):
+        ShardDataset(tmp_path)[0]
+    norm = {"space": "latent", "latent_norm": {"mean": [0.0] * 4, "std": [1.0] * 4}}
+    with ShardWriter(tmp_path / "n", norm) as w:  # normalised latents are the model's space: used as stored
+        w.add(torch.full((4, 1, 2, 2), 2.5), torch.zeros(2, 3), "x")
+    assert torch.equal(ShardDataset(tmp_path / "n")[0].latent, torch.full((4, 1, 2, 2), 2.5))

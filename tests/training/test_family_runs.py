@@ -1,19 +1,26 @@
-"""A tiny headless APT run (`python -m training`) per model family, on a tiny stand-in preset."""
+"""A tiny headless APT run (`python -m training`) per model family, on a tiny stand-in preset; for the
+two-expert Wan 2.2 A14B, G and D initialised from their experts' own files."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from apt_core.models.io import load_wan
+from apt_core.backbone import build_flow_model
+from apt_core.models.io import load_state_dict_file, load_wan, save_wan
 from apt_core.models.wan import get_config
 from bench.trainer_scaling import write_synthetic_shards
+from training.config import ConfigError, load_config
+from training.distributed import destroy, init_distributed
+from training.loop import APTStage, original_weights, plan_phases, resolve_wan_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,3 +44,85 @@ def test_tiny_headless_apt_run_per_family(tmp_path, preset, channels):
     assert all(np.isfinite(r[k]) for r in rows for k in ("d_loss", "g_loss"))
     gen = load_wan(tmp_path / "run/export/apt_generator.safetensors")
     assert gen.config == get_config(preset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan 2.2 A14B: two experts, one file each; G and D start from the configured experts
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """Two tiny expert files (tiny-a14b, different random weights) and shards for them."""
+    root = tmp_path_factory.mktemp("a14b")
+    out = {}
+    for seed, name in ((1, "high_noise"), (2, "low_noise")):
+        torch.manual_seed(seed)
+        model = build_flow_model("tiny-a14b")
+        with torch.no_grad():
+            model.head.head.weight.normal_(std=0.02)
+        out[name] = save_wan(model, root / f"{name}.safetensors")
+    out["data"] = write_synthetic_shards(root / "data", num=4)
+    return out
+
+
+def _expert_files(experts) -> str:
+    return f'--model.expert_files=["high_noise={experts["high_noise"]}", "low_noise={experts["low_noise"]}"]'
+
+
+def _env(monkeypatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.mark.parametrize("d_expert", ["", "low_noise"])
+def test_a14b_generator_and_discriminator_start_from_their_expert_files(monkeypatch, experts, tmp_path, d_expert):
+    # default: both from the high-noise expert (t = 1 and most shifted D times lie in [0.875, 1]); D configurable
+    _env(monkeypatch)
+    overrides = [f"--run.dir={tmp_path}", f"--data.path={experts['data']}", "--model.preset=tiny-a14b", _expert_files(experts),
+                 "--parallel.strategy=none"]
+    cfg = load_config(ROOT / "configs/tiny_cpu.toml", overrides + ([f"--model.discriminator_expert={d_expert}"] if d_expert else []))
+    world = init_distributed("cpu", "gloo")
+    try:
+        stage = APTStage(cfg, world, resolve_wan_config(cfg))
+        image, _ = plan_phases(cfg)
+        stage.begin_phase(image, first=True)
+        high, low = load_state_dict_file(experts["high_noise"]), load_state_dict_file(experts["low_noise"])
+        for k, v in stage.generator.state_dict().items():
+            torch.testing.assert_close(v, high[k], rtol=0, atol=0)
+        want = low if d_expert == "low_noise" else high
+        back = {k[len("backbone."):]: v for k, v in stage.discriminator.state_dict().items() if k.startswith("backbone.")}
+        assert back
+        for k, v in back.items():
+            torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    finally:
+        destroy()
+
+
+def test_a14b_expert_files_are_checked(experts, tmp_path):
+    def cfg(*extra: str):
+        return load_config(ROOT / "configs/tiny_cpu.toml", [f"--run.dir={tmp_path}", "--model.preset=tiny-a14b", *extra])
+
+    with pytest.raises(ConfigError, match="missing: \\['low_noise'\\]"):
+        original_weights(cfg(f'--model.expert_files=["high_noise={experts["high_noise"]}"]'))
+    with pytest.raises(ConfigError, match="unknown: \\['mid'\\]"):
+        original_weights(cfg(_expert_files(experts)[:-1] + ', "mid=x.safetensors"]'))
+    with pytest.raises(ConfigError, match="not both"):
+        original_weights(cfg(_expert_files(experts), f"--model.init_from={experts['high_noise']}"))
+    with pytest.raises(ConfigError, match="no expert 'middle'"):
+        original_weights(cfg(_expert_files(experts), "--model.generator_expert=middle"))
+    with pytest.raises(ConfigError, match="stage 'teacher'"):
+        original_weights(cfg(_expert_files(experts), "--run.stage=teacher"))
+    with pytest.raises(ConfigError, match="has no experts"):
+        original_weights(load_config(ROOT / "configs/tiny_cpu.toml", [_expert_files(experts)]))  # preset tiny: one file
+    assert original_weights(cfg(_expert_files(experts), "--model.generator_expert=low_noise")) == (
+        str(experts["low_noise"]), str(experts["high_noise"]))
+
+
+def test_a14b_tiny_headless_apt_run_from_two_expert_files(experts, tmp_path):
+    rows = _headless(tmp_path / "run", experts["data"], "--model.preset=tiny-a14b", _expert_files(experts))
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["g_loss"]) for r in rows)
+    assert load_wan(tmp_path / "run/export/apt_generator.safetensors").config == get_config("tiny-a14b")
