@@ -175,8 +175,8 @@ def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, path: str, lor
 
 def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase: Phase) -> nn.Module:
     """APT D: a copy of the ORIGINAL diffusion weights (model.init_from, or the discriminator expert's
-    file) + fresh seeded heads; SF-V D
-    (apt.disc_kind = "sfv"): the first blocks of those weights, frozen, + fresh seeded heads."""
+    file) + fresh seeded heads; SF-V D (apt.disc_kind = "sfv"): the first blocks of those weights,
+    frozen, + fresh seeded heads."""
     a = cfg.apt
     if a.disc_kind == "sfv":
         s = a.sfv
