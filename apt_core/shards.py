@@ -74,6 +74,7 @@ class Sample:
     fps: float = 0.0
     frame_indices: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable per-sample info
+    image_emb: torch.Tensor | None = None  # optional [tokens, D] image embedding (I2V: CLIP tokens of the first frame)
 
 
 def _json(obj: Any, what: str) -> str:
@@ -156,10 +157,10 @@ class ShardWriter:
 
     def add(self, latent: torch.Tensor, text_emb: torch.Tensor, caption: str, *, text_len: int | None = None,
             source: str = "", fps: float = 0.0, frame_indices: Sequence[int] = (),
-            extra: dict[str, Any] | None = None) -> int:
-        """Add one sample (latent [C,F,H,W], text_emb [L,D]); returns its number within this writer."""
+            extra: dict[str, Any] | None = None, image_emb: torch.Tensor | None = None) -> int:
+        """Add one sample (latent [C,F,H,W], text_emb [L,D], optional image_emb [N,E]); returns its number within this writer."""
         return self.add_sample(Sample(latent, text_emb, text_emb.shape[0] if text_len is None else text_len,
-                                      caption, source, fps, list(frame_indices), dict(extra or {})))
+                                      caption, source, fps, list(frame_indices), dict(extra or {}), image_emb))
 
     def add_sample(self, s: Sample) -> int:
         """Validate and queue a Sample; flushes a shard when ``samples_per_shard`` are queued."""
@@ -176,6 +177,9 @@ class ShardWriter:
             raise ValueError(f"{where}: latent has NaN/Inf values; check the VAE encode")
         if s.text_emb.is_floating_point() and not bool(torch.isfinite(s.text_emb).all()):
             raise ValueError(f"{where}: text_emb has NaN/Inf values; check the text encoder")
+        if s.image_emb is not None and (not isinstance(s.image_emb, torch.Tensor) or s.image_emb.ndim != 2
+                                        or not bool(torch.isfinite(s.image_emb).all())):
+            raise ValueError(f"{where}: image_emb must be a finite tensor [N, E], got {_shape(s.image_emb)}")
         kind = (s.latent.dtype, s.text_emb.dtype, s.latent.shape[0], s.text_emb.shape[1])
         if self._dtypes is None:
             self._dtypes = kind
@@ -191,7 +195,8 @@ class ShardWriter:
         self._pending.append(Sample(s.latent.detach().cpu().clone(memory_format=torch.contiguous_format),
                                     s.text_emb.detach().cpu().clone(memory_format=torch.contiguous_format),
                                     info["text_len"], info["caption"], info["source"], info["fps"],
-                                    info["frame_indices"], s.extra))
+                                    info["frame_indices"], s.extra,
+                                    None if s.image_emb is None else s.image_emb.detach().cpu().contiguous().clone()))
         n = self.num_samples - 1
         if len(self._pending) >= self.samples_per_shard:
             self.flush()
@@ -208,8 +213,12 @@ class ShardWriter:
         for i, s in enumerate(self._pending):
             tensors[f"{i}.latent"] = s.latent
             tensors[f"{i}.text_emb"] = s.text_emb
-            infos.append({"caption": s.caption, "source": s.source, "fps": s.fps,
-                          "frame_indices": s.frame_indices, "text_len": s.text_len, "extra": s.extra})
+            info = {"caption": s.caption, "source": s.source, "fps": s.fps,
+                    "frame_indices": s.frame_indices, "text_len": s.text_len, "extra": s.extra}
+            if s.image_emb is not None:
+                tensors[f"{i}.image_emb"] = s.image_emb
+                info["image_emb"] = True
+            infos.append(info)
         header = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                   "dataset": _json(self.metadata, "metadata"), "samples": _json(infos, "samples"),
                   "writer": _json({"shard_index": self.shard_index, "num_shards": self.num_shards, "seq": seq},
@@ -372,8 +381,9 @@ class ShardReader:
                                  f"{infos[j].get('source', '')!r}) has {bad} NaN/Inf values in {j}.{key}; "
                                  f"re-encode that sample or remove its shard")
         d = infos[j]
+        image_emb = handle.get_tensor(f"{j}.image_emb") if d.get("image_emb") else None
         return Sample(latent, text_emb, int(d["text_len"]), d["caption"], d["source"],
-                      float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})))
+                      float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})), image_emb)
 
     def locate(self, i: int) -> tuple[Path, int]:
         """(shard file, position in that file) of sample i, for error messages."""

@@ -27,9 +27,13 @@ AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOSSES = ("nonsaturating", "relativistic", "hinge")
 
 
-def make_rmsprop(params: Iterable[nn.Parameter], lr: float, alpha: float = 0.9, eps: float = 1e-8) -> torch.optim.Adam:
-    """APT's optimiser: RMSProp with alpha 0.9 = Adam(betas=(0, alpha)), no weight decay."""
-    return torch.optim.Adam(params, lr=lr, betas=(0.0, alpha), eps=eps, weight_decay=0.0)
+def make_rmsprop(params: Iterable[nn.Parameter], lr: float, alpha: float = 0.9, eps: float = 1e-8) -> torch.optim.RMSprop:
+    """APT's optimiser: RMSProp (alpha 0.9), no momentum, no weight decay.
+
+    One state tensor per parameter (`square_avg`), where Adam(betas=(0, alpha)) keeps an unused
+    first moment too; no bias correction, so the first updates are up to 1/sqrt(1 - alpha) larger.
+    """
+    return torch.optim.RMSprop(params, lr=lr, alpha=alpha, eps=eps, weight_decay=0.0, momentum=0.0, centered=False)
 
 
 def _is_fsdp(module: nn.Module) -> bool:

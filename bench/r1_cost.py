@@ -11,7 +11,7 @@ Time: median wall time and median process CPU time (`time.process_time`) of `--s
 after one warm-up step; with one torch thread (the default) CPU time is the compute and is the
 figure to trust on a shared machine, where wall time also counts waiting for a core. Peak memory: on CPU, the rise
 of the process's peak resident set size (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) above the
-resident size (`VmRSS`) measured just before the first step, with the models built and the Adam
+resident size (`VmRSS`) measured just before the first step, with the models built and the RMSProp
 state already allocated; tracemalloc does not see torch's allocator and torch.profiler's per-op
 records do not give a peak, so RSS is the honest CPU number (it includes allocator slack, and
 memory freed back to glibc before the baseline can hide a little of the rise). On CUDA: the rise of
@@ -102,7 +102,7 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
     trainer = APTTrainer(gen, D, make_rmsprop(gen.parameters(), 1e-5), opt_d, cfg)
     x = torch.randn(batch, *shape, device=dev)
     c = WanCond(torch.randn(batch, gen.config.text_len, gen.config.text_dim, device=dev))
-    # allocate Adam's state now (a zero-grad step moves nothing) so the baseline includes it
+    # allocate RMSProp's state now (a zero-grad step moves nothing) so the baseline includes it
     for p in D.trainable_parameters():
         p.grad = torch.zeros_like(p)
     opt_d.step()
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "method": "fresh subprocess per variant; median step time after 1 warm-up; peak = "
         + ("cuda max_memory_allocated - memory_allocated before the first step" if cuda
-           else "ru_maxrss - VmRSS before the first step (models and Adam state already allocated)"),
+           else "ru_maxrss - VmRSS before the first step (models and RMSProp state already allocated)"),
         "sdpa_double_backward": {"dtype": str(probe_dtype).removeprefix("torch."), **double_backward},
         "rows": rows,
         "checks": {

@@ -235,10 +235,19 @@ class _Run:
         self.step_count = step
         self._load_tensor_files({n: load_tensors(p) for n, p in files.items()})
         for k, o in self._optimizers().items():
-            o.load_state_dict(optim[k])
+            load_optimizer_state(o, optim[k], f"{self.state_dir / 'optim.pt'} [{k!r}]")
         self.loader.load_state_dict(state["loader"])
         self.history = {k: [tuple(x) for x in v] for k, v in state["history"].items()}
         return True
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict, where: str) -> None:
+    """Load an optimiser state; one saved by another optimiser (e.g. Adam before make_rmsprop was RMSprop) is an error."""
+    opt.load_state_dict(state)
+    missing = sorted({k for g in opt.param_groups for k in opt.defaults if k not in g})
+    if missing:
+        raise ValueError(f"{where} is not a {type(opt).__name__} state (it lacks {missing}); it was saved by another "
+                         "optimiser, e.g. an older version's Adam: set resume=false / use another run name to start over")
 
 
 class APTRun(_Run):

@@ -44,15 +44,33 @@ def _changed(module, before):
     return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
 
 
-def test_make_rmsprop_is_adam_with_zero_momentum():
+def test_make_rmsprop_is_rmsprop_with_alpha_0_9():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
     opt = make_rmsprop([p], lr=0.1)
-    g = opt.param_groups[0]
-    assert g["betas"] == (0.0, 0.9) and g["weight_decay"] == 0.0 and g["eps"] == 1e-8
-    p.grad = torch.tensor([0.5, -4.0, 0.0])
-    opt.step()
-    # first step: v_hat = g^2, so the update is lr * g / (|g| + eps)
-    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
+    grads = [torch.tensor([0.5, -4.0, 0.0]), torch.tensor([1.0, 2.0, -3.0])]
+    v, want = torch.zeros(3), p.detach().clone()
+    for g in grads:  # v = 0.9 v + 0.1 g^2; p -= lr g / (sqrt(v) + eps): no momentum, no bias correction
+        v = 0.9 * v + 0.1 * g**2
+        want -= 0.1 * g / (v.sqrt() + 1e-8)
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), want)
+    torch.testing.assert_close(want[:2], torch.tensor([1.0, -2.0]) - 0.1 / 0.1**0.5 * torch.tensor([1.0, -1.0])
+                               - 0.1 * grads[1][:2] / (0.9 * 0.1 * grads[0][:2] ** 2 + 0.1 * grads[1][:2] ** 2).sqrt())
+
+
+def test_rmsprop_state_is_one_fp32_copy_of_the_trainable_params():
+    """No Adam first moment (exp_avg): the state is `square_avg` (one fp32 tensor per param) and a step count."""
+    tr = _setup()
+    x, c, noise = _data()
+    tr.d_step(x, c, **noise)
+    tr.g_step(c, **noise)
+    for opt, module in ((tr.opt_d, tr.discriminator), (tr.opt_g, tr.generator)):
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        assert len(opt.state) == len(trainable)
+        assert all(set(s) == {"step", "square_avg"} for s in opt.state.values())
+        state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+        assert state_bytes == sum(p.numel() * 4 for p in trainable)
 
 
 def test_config_validation_names_the_value():
@@ -204,6 +222,105 @@ def test_mismatch_never_scores_a_sample_under_its_own_caption(accum):
     handle.remove()
     assert "d_mismatch" in m
     assert seen == [([i], [(i + 1) % 4]) for i in range(4)]
+
+
+class TwoLayerD(torch.nn.Module):
+    """`D(x, c, t) = (1 + t) w2 . tanh(W1 x + U c + b)`: a discriminator whose input gradient has a closed form."""
+
+    def __init__(self, d_in: int, d_c: int, hidden: int = 8):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.w1 = torch.nn.Parameter(torch.randn(hidden, d_in, generator=g) / d_in**0.5)
+        self.u = torch.nn.Parameter(torch.randn(hidden, d_c, generator=g) / d_c**0.5)
+        self.b = torch.nn.Parameter(0.1 * torch.randn(hidden, generator=g))
+        self.w2 = torch.nn.Parameter(torch.randn(hidden, generator=g))
+
+    def pre(self, x, c):
+        return x.flatten(1) @ self.w1.T + c @ self.u.T + self.b
+
+    def forward(self, x, c, t):
+        return (1 + t) * (torch.tanh(self.pre(x, c)) @ self.w2)
+
+    def r1_by_hand(self, x, c, t):
+        """mean_b ||grad_x D_b||^2 with grad_x D_b = (1 + t_b) W1^T (w2 * (1 - tanh^2(a_b))), written out."""
+        slope = 1 - torch.tanh(self.pre(x, c)) ** 2  # [B, hidden]
+        grad = (1 + t)[:, None] * ((slope * self.w2) @ self.w1)  # [B, d_in]
+        return grad.pow(2).sum(1).mean()
+
+
+class ScaleG(torch.nn.Module):
+    """A one-parameter velocity model `v = a z` (G(z) = (1 - a) z)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x_t, t, cond):
+        return self.a * x_t
+
+
+def test_exact_r1_d_step_matches_a_hand_written_double_backward():
+    """Exact R1 and the whole exact-mode D gradient against a closed-form input gradient (no shared code)."""
+    g = torch.Generator().manual_seed(3)
+    x, z = torch.randn(3, 2, 1, 1, 3, generator=g), torch.randn(3, 2, 1, 1, 3, generator=g)
+    c, t = torch.randn(3, 4, generator=g), torch.rand(3, generator=g)
+    D, G = TwoLayerD(6, 4), ScaleG()
+    cfg = APTConfig(r1_mode="exact", r1_lambda=10.0, r1_sigma=0.1)
+    penalty = D.r1_by_hand(x, c, t)
+    fake = (1 - G.a.detach()) * z
+    loss = (torch.nn.functional.softplus(-D(x, c, t)).mean() + torch.nn.functional.softplus(D(fake, c, t)).mean()
+            + cfg.r1_lambda * cfg.r1_sigma**2 * penalty)
+    expect = torch.autograd.grad(loss, list(D.parameters()))
+    torch.testing.assert_close(losses.exact_r1(D, x, c, t), penalty, rtol=1e-5, atol=1e-7)
+    tr = APTTrainer(G, D, make_rmsprop(G.parameters(), 1e-3), make_rmsprop(D.parameters(), 1e-3), cfg)
+    m = tr.d_step(x, c, z=z, t_d=t)
+    torch.testing.assert_close(m["r1"], penalty.detach(), rtol=1e-5, atol=1e-7)
+    assert float(penalty.detach()) > 0.1  # not a vanishing term
+    for p, want in zip(D.parameters(), expect):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_r2_pairs_each_fake_with_its_own_perturbation_and_t(accum):
+    """aR2 = mean_i (D(G(z_i), c_i, t_i) - D(G(z_i) + sigma n_i, c_i, t_i))^2, pair by pair."""
+    cfg = APTConfig(loss="relativistic", r2=True, r1_lambda=1000.0, r2_lambda=1000.0, r1_sigma=0.1, grad_accum=accum)
+    tr = _setup(cfg)
+    x, c, noise = _data()
+    g = torch.Generator().manual_seed(9)
+    r1_noise, r2_noise = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    D, t = tr.discriminator, noise["t_d"]
+    with torch.no_grad():
+        fake = tr.generate(noise["z"], c)
+        l_fake = D(fake, c, t)
+
+        def ar2(n, tt):
+            return ((l_fake - D(fake + cfg.r1_sigma * n, c, tt)) ** 2).mean()
+
+        paired, other_noise, other_t = ar2(r2_noise, t), ar2(r2_noise.roll(1, 0), t), ar2(r2_noise, t.roll(1))
+        same_as_r1 = ar2(r1_noise, t)
+    m = tr.d_step(x, c, r1_noise=r1_noise, r2_noise=r2_noise, **noise)
+    torch.testing.assert_close(m["ar2"], paired, rtol=1e-4, atol=1e-8)
+    for wrong in (other_noise, other_t, same_as_r1):  # the check can tell a mis-pairing apart
+        assert abs(float(wrong / paired) - 1) > 0.01, (float(wrong), float(paired))
+
+
+@pytest.mark.parametrize("loss", ["nonsaturating", "relativistic"])
+def test_one_d_step_raises_real_and_lowers_fake_logits_and_one_g_step_raises_fake_logits(loss):
+    tr = _setup(APTConfig(loss=loss, r1_lambda=0.0), lr=1e-4)
+    x, c, noise = _data()
+    D, t, z = tr.discriminator, noise["t_d"], noise["z"]
+
+    def logits():
+        with torch.no_grad():
+            return D(x, c, t).mean(), D(tr.generate(z, c), c, t).mean()
+
+    real0, fake0 = logits()
+    tr.d_step(x, c, **noise)
+    real1, fake1 = logits()
+    assert real1 > real0 + 1e-2 and fake1 < fake0 - 1e-2, (real0, real1, fake0, fake1)
+    tr.g_step(c, x_real=x, **noise)
+    real2, fake2 = logits()
+    assert fake2 > fake1 + 1e-2 and real2 == real1, (fake1, fake2)
 
 
 def test_exact_r1_mode_matches_the_reference():

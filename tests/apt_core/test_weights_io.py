@@ -119,7 +119,9 @@ def test_infer_wan_config_real_sizes():
     with pytest.raises(KeyError, match="head.modulation"):
         infer_wan_config({"foo.weight": torch.zeros(1)})
     sd["img_emb.proj.0.bias"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="I2V"):
+    assert infer_wan_config(sd).model_type == "i2v"  # an I2V file (CLIP image embedding) is read as one
+    sd["img_emb.emb_pos"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="FLF2V"):
         infer_wan_config(sd)
 
 

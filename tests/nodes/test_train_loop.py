@@ -129,6 +129,17 @@ def test_resume_refuses_a_state_torn_by_an_interrupted_save(shards, tmp_path):
         apt_run(shards, tmp_path / "run", settings).resume()
 
 
+def test_resume_refuses_an_optimiser_state_of_another_kind(shards, tmp_path):
+    """An optim.pt holding Adam states (saved before make_rmsprop was RMSprop) is named, not a KeyError mid-step."""
+    settings = APTSettings(steps=1, lr=1e-3, batch_size=2, lora_rank=4, val_every=0)
+    run = run_loop(apt_run(shards, tmp_path / "run", settings), 1)
+    adam = torch.optim.Adam([p for p in run.generator.parameters() if p.requires_grad], betas=(0.0, 0.9))
+    optim = torch.load(tmp_path / "run" / "optim.pt", weights_only=True)
+    torch.save({**optim, "g": adam.state_dict()}, tmp_path / "run" / "optim.pt")
+    with pytest.raises(ValueError, match=r"optim.pt \['g'\] is not a RMSprop state \(it lacks \['alpha'\]\)"):
+        apt_run(shards, tmp_path / "run", settings).resume()
+
+
 def test_full_generator_and_frozen_discriminator(shards, tmp_path):
     run = apt_run(shards, None, APTSettings(steps=1, lr=1e-4, batch_size=2, lora_rank=0, val_every=0), mode="frozen")
     assert all(not p.requires_grad for p in run.discriminator.backbone.parameters())

@@ -96,7 +96,7 @@ def assert_same_state(a: dict, b: dict, prefix: str = "", atol: float = ATOL) ->
         if isinstance(a[k], dict):
             assert_same_state(a[k], b[k], f"{prefix}{k}.", atol)
         elif isinstance(a[k], torch.Tensor):
-            # optimiser moments hold raw gradients (RMSProp: exp_avg = g), noisier than weights
+            # optimiser states hold raw squared gradients (RMSProp: square_avg), noisier than weights
             tol = (atol, 0.0) if atol == ATOL else (10 * atol, 10 * ELASTIC_RTOL) if ".optim." in prefix else (atol, ELASTIC_RTOL)
             torch.testing.assert_close(a[k], b[k], atol=tol[0], rtol=tol[1], msg=lambda m, k=k: f"{prefix}{k}: {m}")
         else:

@@ -13,7 +13,7 @@ from training.demo.__main__ import main
 from training.demo.pipeline import TEACHER_PATH
 
 IMAGE_ROWS = {"teacher 25 steps, CFG 1", "teacher 25 steps, CFG 2", "teacher 1 step", "CD 1 step", "APT 1 step", "APT 2 steps",
-              "APT without aR1 (end)", "EMA-only control (CD + EMA, no D)"}  # fmt: skip
+              "APT without aR1 (end)", "EMA-only control (CD + EMA, no D)", "APT with SF-V discriminator"}  # fmt: skip
 VIDEO_ROWS = {"teacher 25 steps, CFG 1", "teacher 25 steps, CFG 2", "teacher 1 step", "CD 1 step", "APT 1 step", "APT 2 steps"}
 METRICS = {"fd", "precision", "recall", "caption_accuracy", "diversity"}
 VIDEO_METRICS = METRICS | {"direction_accuracy", "identity_agreement", "jerk", "speed"}
@@ -46,10 +46,12 @@ def test_quick_demo_end_to_end(quick_demo):
                 assert len(s["values"]) == len(sec["seeds"]) and s["std"] >= 0, (name, m)
         assert sec["rows"]["teacher 25 steps, CFG 2"]["nfe"] == 50 and sec["rows"]["APT 1 step"]["nfe"] == 1
 
-    assert {c["name"] for c in report["checks"]} == {"images: APT 1-step FD below CD's", "videos: APT 1-step FD below CD's"}
+    assert {c["name"] for c in report["checks"]} == {"images: APT 1-step FD below CD's", "videos: APT 1-step FD below CD's",
+                                                     "images: APT with SF-V D ends with finite losses",
+                                                     "images: APT with SF-V D FD below CD's"}
 
     # checkpoints were picked on validation, curves and timing recorded, files written
-    assert set(report["selected"]) == {"apt_image", "apt_no_r1", "ema_control", "apt_video"}
+    assert set(report["selected"]) == {"apt_image", "apt_no_r1", "ema_control", "apt_video", "apt_sfv"}
     for name, curve in report["curves"].items():
         assert curve[0]["step"] == 0 and len(curve) >= 2, name
     assert report["timing"]["speedup"] > 1
@@ -57,7 +59,8 @@ def test_quick_demo_end_to_end(quick_demo):
         assert (out / f).is_file(), f
     assert any(f.endswith(".gif") for f in report["files"]) and any(f.endswith(".png") for f in report["files"])
     md = (out / "report.md").read_text()
-    for text in ("Acceptance", "COCO-5K FID", "real data (floor)", "APT 1 step", "noise", "APT recipe here"):
+    for text in ("Acceptance", "COCO-5K FID", "real data (floor)", "APT 1 step", "noise", "APT recipe here",
+                 "APT with SF-V discriminator", "UCF-101 FVD"):
         assert text in md
 
 
@@ -67,4 +70,7 @@ def test_quick_demo_apt_beats_cd(quick_demo):
     for key in ("images", "videos"):
         rows = report[key]["rows"]
         assert rows["APT 1 step"]["metrics"]["fd"]["mean"] < rows["CD 1 step"]["metrics"]["fd"]["mean"], key
+    rows = report["images"]["rows"]  # SF-V's discriminator: finite losses, and it beats CD too
+    assert report["sfv_losses_finite"] is True
+    assert rows["APT with SF-V discriminator"]["metrics"]["fd"]["mean"] < rows["CD 1 step"]["metrics"]["fd"]["mean"]
     assert rc == 0, [c for c in report["checks"] if not c["passed"]]

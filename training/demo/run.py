@@ -4,6 +4,7 @@ evaluate every row on the test split over several noise seeds, write the report,
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,10 @@ from training.demo.report import differs, plot_curves, save_gif, save_mp4, save_
 from training.demo.text import CaptionEmbedder
 
 VAL_SEED = 100
+SFV_ROW = "APT with SF-V discriminator"
+# SF-V's recipe on the image phase: its frozen half-teacher D with spatial/temporal heads on noised
+# inputs, hinge loss, exact R1 at the noised input (weight r1_lambda * r1_sigma^2, as configured)
+SFV_OVERRIDES = {"apt.disc_kind": "sfv", "apt.loss": "hinge", "apt.r1_mode": "exact"}
 
 
 def log(msg: str) -> None:
@@ -136,6 +141,8 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
         ov |= {"apt.generator_init": str(cd_path), "apt.video.steps": 0, "apt.image.data": str(data["images"])}
         if name == "apt_no_r1":
             return "demo_apt", ov | {"apt.image.steps": s.no_r1_steps, "apt.r1_lambda": 0.0}
+        if name == "apt_sfv":
+            return "demo_apt", ov | SFV_OVERRIDES | {"apt.image.steps": s.apt_image_steps}
         return "demo_apt", ov | {"apt.image.steps": s.apt_image_steps}
 
     val_img = Evaluator(_subset(digits.load_split("val", frames=1, copies=2), s.n_val))
@@ -151,10 +158,10 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
         if at_end:  # the ablation is reported at the END of its training
             picked[name], selected[name] = with_weights(cd_model, snaps[-1].state), snaps[-1].step
 
-    log(f"stage 2: APT on images, the no-aR1 ablation and the EMA-only control, then APT on clips "
-        f"({s.workers} runs at a time)")
+    log(f"stage 2: APT on images, the no-aR1 ablation, APT with SF-V's discriminator and the EMA-only control, "
+        f"then APT on clips ({s.workers} runs at a time)")
     with StagePool(s.workers, threads=max(1, torch.get_num_threads() // s.workers)) as pool:
-        futures = {name: pool.submit(*image_job(name)) for name in ("apt_image", "apt_no_r1")}
+        futures = {name: pool.submit(*image_job(name)) for name in ("apt_image", "apt_no_r1", "apt_sfv")}
         runs_done = {"apt_image": futures["apt_image"].result()}
         log("picking the best APT image EMA on the validation split")
         pick("apt_image", runs_done["apt_image"], val_img, cd_model)
@@ -171,6 +178,7 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
     log("picking EMA checkpoints on the validation split")
     pick("apt_no_r1", runs_done["apt_no_r1"], val_img, cd_model, at_end=True)
     pick("ema_control", runs_done["ema_control"], val_img, cd_model)
+    pick("apt_sfv", runs_done["apt_sfv"], val_img, cd_model)
     pick("apt_video", runs_done["apt_video"], val_vid, picked["apt_image"])
     best_vid = picked["apt_video"]
     _save_model(best_vid, runs / "apt_video" / "best_ema.safetensors")
@@ -202,6 +210,7 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
         if key == "images":
             add("APT without aR1 (end)", 1, 1, lambda c, sd: sampler.run(picked["apt_no_r1"], c, 1, sd), "ablation")
             add("EMA-only control (CD + EMA, no D)", 1, 1, lambda c, sd: sampler.run(picked["ema_control"], c, 1, sd), "control")
+            add(SFV_ROW, 1, 1, lambda c, sd: sampler.run(picked["apt_sfv"], c, 1, sd), "sfv")
         results[key] = {"n": len(ev.reference), "seeds": list(s.seeds), "floor": _floor(ev, s.seeds), "rows": rows}
 
     # -- generation time, side by side -----------------------------------------------------------
@@ -209,12 +218,13 @@ def run_demo(out: Path, s, teacher_path: Path, t0: float) -> dict:
 
     # -- files, curves, report ---------------------------------------------------------------------
     files = write_samples(out, samples)
-    logs = {n: _read_jsonl(runs / n / "metrics.jsonl") for n in ("cd", "apt_image", "apt_no_r1", "ema_control", "apt_video")}
+    logs = {n: _read_jsonl(runs / n / "metrics.jsonl") for n in ("cd", "apt_image", "apt_no_r1", "ema_control", "apt_video", "apt_sfv")}
     files += write_plots(out, curves, logs, val_floor)
     results.update(curves=curves, selected=selected, train_time_s=train_time, val_floor_fd=val_floor,
                    comparisons=[("APT 1 step", "CD 1 step"), ("APT 1 step", "EMA-only control (CD + EMA, no D)"),
-                                ("APT 1 step", "APT without aR1 (end)"), ("APT 1 step", "APT 2 steps")],
-                   d_logits=_logit_summary(logs))
+                                ("APT 1 step", "APT without aR1 (end)"), ("APT 1 step", "APT 2 steps"),
+                                (SFV_ROW, "APT 1 step"), (SFV_ROW, "CD 1 step")],
+                   d_logits=_logit_summary(logs), sfv_losses_finite=_losses_finite(logs["apt_sfv"]))
     results["paper_ours"] = paper_counterparts(results)
     results["time_s"] = time.perf_counter() - t0
     results["checks"] = check_thresholds(results, s.quick)
@@ -275,9 +285,15 @@ def write_plots(out: Path, curves: dict, logs: dict, val_floor: dict) -> list[st
     return [str(p.relative_to(out)) for p in (p1, p2, p3)]
 
 
+def _losses_finite(rows: list[dict]) -> bool:
+    """True when a run logged its D and G losses and every one is finite."""
+    losses = [r[k] for r in rows for k in ("d_loss", "g_loss") if k in r]
+    return bool(losses) and all(math.isfinite(v) for v in losses)
+
+
 def _logit_summary(logs: dict) -> dict:
     out = {}
-    for name in ("apt_image", "apt_no_r1", "apt_video"):
+    for name in ("apt_image", "apt_no_r1", "apt_video", "apt_sfv"):
         rows = [r for r in logs.get(name, []) if "logits_real" in r]
         if rows:
             tail = rows[-max(1, len(rows) // 10):]
@@ -302,6 +318,11 @@ def check_thresholds(results: dict, quick: bool) -> list[dict]:
     def add(name: str, row: str, value: float, threshold: str, passed: bool) -> None:
         checks.append({"name": name, "row": row, "value": float(value), "threshold": threshold, "passed": bool(passed)})
 
+    # SF-V's discriminator (images): no threshold beyond finishing with finite losses and beating CD
+    sfv, cd_img = _fd(results, "images", SFV_ROW), _fd(results, "images", "CD 1 step")
+    finite = results.get("sfv_losses_finite", False)
+    add("images: APT with SF-V D ends with finite losses", SFV_ROW, float(finite), "= 1", finite)
+    add("images: APT with SF-V D FD below CD's", SFV_ROW, sfv["mean"], f"< {cd_img['mean']:.2f}", sfv["mean"] < cd_img["mean"])
     for key in ("images", "videos"):
         apt, cd = _fd(results, key, "APT 1 step"), _fd(results, key, "CD 1 step")
         if quick:
@@ -344,6 +365,8 @@ def paper_counterparts(results: dict) -> dict:
         out[f"CD 1 step{suffix}"] = f"FD {_fd(results, key, 'CD 1 step')['mean']:.1f}"
         out[f"APT 1 step{suffix}"] = f"FD {_fd(results, key, 'APT 1 step')['mean']:.1f}"
     out["APT without aR1 (end of training)"] = f"FD {_fd(results, 'images', 'APT without aR1 (end)')['mean']:.1f}"
+    out[f"{SFV_ROW} (images)"] = (f"FD {_fd(results, 'images', SFV_ROW)['mean']:.1f} vs CD "
+                                  f"{_fd(results, 'images', 'CD 1 step')['mean']:.1f}")
     t = results["timing"]
     out["measured side by side"] = f"{t['speedup_images']:.0f}x faster (images), {t['speedup_videos']:.0f}x (videos)"
     return out
@@ -386,13 +409,16 @@ def _recipe_text(r: dict | None) -> str:
     im, vd = r["image"], r["video"]
     return (
         f"\n\nAPT recipe here (`configs/demo_apt.toml`): {loss}, lambda {r['r1_lambda']:g}, "
-        f"D heads after blocks {[i + 1 for i in r['head_layers']]} of the teacher copy, RMSProp (Adam betas (0, 0.9)), "
+        f"D heads after blocks {[i + 1 for i in r['head_layers']]} of the teacher copy, RMSProp (alpha 0.9), "
         f"EMA {r['ema_decay']:g}; images {im['steps']} updates at batch {im['batch']}, lr {im['lr_g']:g} (G) / "
         f"{im['lr_d']:g} (D), sigma {im['r1_sigma']:g}; clips {vd['steps']} updates at batch {vd['batch']}, "
         f"lr {vd['lr_g']:g} / {vd['lr_d']:g}, sigma {vd['r1_sigma']:g}, G from the best image EMA, D fresh from the teacher"
         + _mismatch_text(im, vd) + ". "
         f"The no-aR1 ablation (lambda 0: neither aR1 nor aR2) runs {r['no_r1_steps']} updates and is reported at its end; "
-        "the EMA-only control continues CD for as many updates as APT's image phase with the same EMA."
+        "the EMA-only control continues CD for as many updates as APT's image phase with the same EMA. "
+        f"'{SFV_ROW}' repeats APT's image phase with SF-V's discriminator instead (`apt.disc_kind = \"sfv\"`): the "
+        "teacher's first 2 of 4 blocks, frozen, with a spatial and a temporal conv head after each, scoring real and fake "
+        "noised to a log-normal level (mean -1, std 1), the hinge loss and exact R1 at that noised input."
     )
 
 
