@@ -374,14 +374,14 @@ class ShardReader:
             raise ValueError(f"{self.files[file_no]}: tensor {j}.latent has shape {tuple(latent.shape)}, "
                              f"index says {self.shapes[i]}")
         text_emb = handle.get_tensor(f"{j}.text_emb")
-        for key, t in (("latent", latent), ("text_emb", text_emb)):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise BadSample(f"{self.files[file_no]}: sample {j} (dataset index {i}, source "
-                                 f"{infos[j].get('source', '')!r}) has {bad} NaN/Inf values in {j}.{key}; "
-                                 f"re-encode that sample or remove its shard")
         d = infos[j]
         image_emb = handle.get_tensor(f"{j}.image_emb") if d.get("image_emb") else None
+        for key, t in (("latent", latent), ("text_emb", text_emb), ("image_emb", image_emb)):
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise BadSample(f"{self.files[file_no]}: sample {j} (dataset index {i}, source "
+                                f"{d.get('source', '')!r}) has {bad} NaN/Inf values in {j}.{key}; "
+                                f"re-encode that sample or remove its shard")
         return Sample(latent, text_emb, int(d["text_len"]), d["caption"], d["source"],
                       float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})), image_emb)
 

@@ -224,3 +224,14 @@ def test_reader_refuses_non_finite_values_by_file_and_index(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 1 .* 2 NaN/Inf values in 1\.latent"):
         r[3]
     assert r.locate(3) == (shard, 1)
+    # the optional image embedding (I2V) is checked the same way
+    with ShardWriter(tmp_path / "i2v", META) as w:
+        w.add(torch.zeros(4, 2, 3, 5), torch.zeros(2, 8), "x", image_emb=torch.ones(3, 6))
+    shard = tmp_path / "i2v/shard-00000-000000.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(shard)
+    tensors["0.image_emb"][2, 5] = float("nan")
+    save_file(tensors, str(shard), metadata=header)
+    with pytest.raises(ValueError, match=r"sample 0 .* 1 NaN/Inf values in 0\.image_emb"):
+        ShardReader(tmp_path / "i2v")[0]
