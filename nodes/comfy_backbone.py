@@ -48,7 +48,7 @@ def family_problem(base_model: str, unet_config: dict) -> str | None:
     kind = unet_config.get("model_type", "t2v")
     in_dim = unet_config.get("in_dim", WAN_LATENT_CHANNELS)
     out_dim = unet_config.get("out_dim", WAN_LATENT_CHANNELS)
-    known = f" ({fam.title}: supported in apt_core only, not by the nodes yet)" if fam is not None else ""
+    known = f" ({fam.title}: supported by apt_core and the headless trainer, not by the nodes yet)" if fam is not None else ""
     return (
         f"APT nodes do not support this MODEL: ComfyUI model class {base_model}, model_type={kind!r}, in_dim={in_dim}, "
         f"out_dim={out_dim}{known}. Supported: {describe_supported()}. Load one with 'Load Diffusion Model' (UNETLoader)."

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="apt-train",
         description="Headless APT training: teacher (flow matching), cd (consistency distillation) or apt stages.",
-        epilog="Any other --section.key=value overrides that config key, e.g. --apt.lr=1e-5 --run.dir=runs/x.",
+        epilog="Any other --section.key=value overrides that config key, e.g. --apt.lr=1e-5 --run.dir=runs/x. "
+        "Exit codes: 0 done, 2 config error, 75 stopped by SIGTERM/SIGUSR1 with a checkpoint saved (rerun to resume).",
     )
     p.add_argument("--config", required=True, help="TOML run config (see configs/ and docs/TRAINING.md)")
     p.add_argument(

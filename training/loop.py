@@ -27,7 +27,7 @@ from apt_core.ema import EMA
 from apt_core.flow import add_noise, generate_one_step, sample_timesteps
 from apt_core.lora import inject_lora
 from apt_core.models.io import config_from_metadata, infer_wan_config, load_state_dict_file, read_metadata
-from apt_core.models.registry import family_of_preset
+from apt_core.models.registry import family_of_config, family_of_preset
 from apt_core.models.wan import WanConfig, get_config
 from apt_core.sfv import SFVDiscriminator
 from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, make_rmsprop
@@ -204,11 +204,19 @@ def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase
     return parallelize(disc, full, cfg.parallel, world)
 
 
-def _cond(batch: Batch) -> WanCond:
-    """Text context with rows past each sample's text_len zeroed (Wan pads with zeros)."""
+def _cond(batch: Batch, config: WanConfig | None = None) -> WanCond:
+    """Text context with rows past each sample's text_len zeroed (Wan pads with zeros); for a family with
+    an image condition (I2V) also the first frame: each clip's first latent frame + its image embedding."""
     ctx = batch.text_emb.float()
     mask = torch.arange(ctx.shape[1], device=ctx.device)[None, :] < batch.text_len.to(ctx.device)[:, None]
-    return WanCond(ctx * mask[..., None])
+    cond = WanCond(ctx * mask[..., None])
+    fam = family_of_config(config) if config is not None else None
+    if fam is not None and fam.image_condition is not None:
+        if batch.image_emb is None:
+            raise ValueError(f"{fam.title} conditions on the first frame's image embedding, and these shards hold none "
+                             "(write them with ShardWriter.add(..., image_emb=[tokens, dim]))")
+        cond.clip_fea, cond.y = fam.image_condition(batch.latent[:, :, :1].float(), batch.latent.shape[2], batch.image_emb.float())
+    return cond
 
 
 def _per_sample_t(seed: int, step: int, idx: list[int], stream: str, dev: torch.device, **kw) -> torch.Tensor:
@@ -296,7 +304,7 @@ class TeacherStage(Stage):
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         t_cfg, dev = self.cfg.teacher, self.world.device
-        x0, cond = batch.latent.float(), _cond(batch)
+        x0, cond = batch.latent.float(), _cond(batch, self.config)
         eps = self.noise(batch, step, "eps")
         t = _per_sample_t(self.seed, step, self._idx(batch), "t", dev, kind=t_cfg.timesteps, shift=t_cfg.shift,
                           logit_mean=t_cfg.logit_mean, logit_std=t_cfg.logit_std)
@@ -353,7 +361,7 @@ class CDStage(Stage):
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, n = self.world.device, self._idx(batch), self.cfg.cd.grid_steps
-        cond = _cond(batch)
+        cond = _cond(batch, self.config)
         step_index = torch.cat([
             torch.randint(1, n + 1, (1,), generator=torch.Generator().manual_seed(D.sample_seed(self.seed, step, i, "cd_index")))
             for i in idx
@@ -407,7 +415,7 @@ class APTStage(Stage):
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, shift = self.world.device, self._idx(batch), self.phase.apt.d_timestep_shift
-        x0, cond = batch.latent.float(), _cond(batch)
+        x0, cond = batch.latent.float(), _cond(batch, self.config)
         relativistic = self.cfg.apt.loss == "relativistic"
         sfv = self.cfg.apt.disc_kind == "sfv"  # SF-V: D's t is a log-normal sigma and its inputs are noised
         t_kw = (dict(kind="logit_normal", logit_mean=self.cfg.apt.sfv.p_mean, logit_std=self.cfg.apt.sfv.p_std) if sfv

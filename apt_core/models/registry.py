@@ -198,6 +198,14 @@ def family_of_preset(preset: str) -> ModelFamily:
     raise KeyError(f"unknown preset {preset!r}; choose one of {sorted(all_presets())}")
 
 
+def family_of_config(cfg: WanConfig) -> ModelFamily | None:
+    """The family whose networks have this config's channels and model type (first match); None if none."""
+    for fam in families().values():
+        if fam.matches_config(cfg):
+            return fam
+    return None
+
+
 def detect_family(sd: Mapping[str, torch.Tensor]) -> ModelFamily | None:
     """The family of a state dict (file keys), judged by its keys and shapes; None if none fits."""
     sd = _strip(sd)

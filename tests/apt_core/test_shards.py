@@ -230,6 +230,22 @@ def test_reader_refuses_non_finite_values_by_file_and_index(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 1 .* 2 NaN/Inf values in 1\.latent"):
         r[3]
     assert r.locate(3) == (shard, 1)
+    # the optional image embedding (I2V) is checked the same way
+    with ShardWriter(tmp_path / "i2v", META) as w:
+        w.add(torch.zeros(4, 2, 3, 5), torch.zeros(2, 8), "x", image_emb=torch.ones(3, 6))
+    shard = tmp_path / "i2v/shard-00000-000000.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        header = f.metadata()
+    header["samples"] = json.dumps([{k: v for k, v in d.items() if k != "crc32"} for d in json.loads(header["samples"])])
+    tensors = load_file(shard)
+    tensors["0.image_emb"][2, 5] = float("nan")
+    save_file(tensors, str(shard), metadata=header)
+    part = tmp_path / "i2v/dataset-00000.json"
+    index = json.loads(part.read_text())
+    index["shards"] = [{k: v for k, v in e.items() if k != "bytes"} for e in index["shards"]]
+    part.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"sample 0 .* 1 NaN/Inf values in 0\.image_emb"):
+        ShardReader(tmp_path / "i2v")[0]
 
 
 def _damage_copies(tmp_path: Path) -> tuple[Path, list[Sample]]:
