@@ -33,9 +33,12 @@ class FlowModel(Protocol):
 
 @dataclass
 class WanCond:
-    """Text condition for Wan: context [B, L, text_dim] (zero-padded rows are fine)."""
+    """Condition for Wan: text context [B, L, text_dim] (zero-padded rows are fine); image-to-video
+    models also take `clip_fea` [B, 257, 1280] (CLIP image tokens) and `y` [B, mask + image latent, F, H, W]."""
 
     context: torch.Tensor
+    clip_fea: torch.Tensor | None = None
+    y: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +114,15 @@ def _context(cond: Any) -> torch.Tensor:
     raise TypeError(f"Wan condition must be WanCond, a context tensor or {{'context': tensor}}, got {type(cond).__name__}")
 
 
+def _image(cond: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(clip_fea, y) of an image-to-video condition; (None, None) for text-only ones."""
+    if isinstance(cond, WanCond):
+        return cond.clip_fea, cond.y
+    if isinstance(cond, dict):
+        return cond.get("clip_fea"), cond.get("y")
+    return None, None
+
+
 class WanFlowModel(WanModel):
     """WanModel speaking the flow-model protocol: `t in [0, 1]` -> Wan `timestep = 1000 t`.
 
@@ -139,11 +151,11 @@ class WanFlowModel(WanModel):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:  # type: ignore[override]
         """Velocity at flow time t [B] in [0, 1]."""
-        return super().forward(x_t, t * self.timestep_scale, _context(cond))
+        return super().forward(x_t, t * self.timestep_scale, _context(cond), *_image(cond))
 
     def features(self, x: torch.Tensor, t: torch.Tensor, cond: Any, layers: Sequence[int]) -> list[torch.Tensor]:
         """Hidden states [B, tokens, dim] after the 0-based blocks `layers` (runs only as deep as needed)."""
-        return self.forward_features(x, t * self.timestep_scale, _context(cond), layers)
+        return self.forward_features(x, t * self.timestep_scale, _context(cond), layers, *_image(cond))
 
 
 def token_grid(x_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:

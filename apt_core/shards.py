@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class Sample:
     fps: float = 0.0
     frame_indices: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable per-sample info
+    image_emb: torch.Tensor | None = None  # optional [tokens, D] image embedding (I2V: CLIP tokens of the first frame)
 
 
 def _json(obj: Any, what: str) -> str:
@@ -156,10 +158,10 @@ class ShardWriter:
 
     def add(self, latent: torch.Tensor, text_emb: torch.Tensor, caption: str, *, text_len: int | None = None,
             source: str = "", fps: float = 0.0, frame_indices: Sequence[int] = (),
-            extra: dict[str, Any] | None = None) -> int:
-        """Add one sample (latent [C,F,H,W], text_emb [L,D]); returns its number within this writer."""
+            extra: dict[str, Any] | None = None, image_emb: torch.Tensor | None = None) -> int:
+        """Add one sample (latent [C,F,H,W], text_emb [L,D], optional image_emb [N,E]); returns its number within this writer."""
         return self.add_sample(Sample(latent, text_emb, text_emb.shape[0] if text_len is None else text_len,
-                                      caption, source, fps, list(frame_indices), dict(extra or {})))
+                                      caption, source, fps, list(frame_indices), dict(extra or {}), image_emb))
 
     def add_sample(self, s: Sample) -> int:
         """Validate and queue a Sample; flushes a shard when ``samples_per_shard`` are queued."""
@@ -176,6 +178,9 @@ class ShardWriter:
             raise ValueError(f"{where}: latent has NaN/Inf values; check the VAE encode")
         if s.text_emb.is_floating_point() and not bool(torch.isfinite(s.text_emb).all()):
             raise ValueError(f"{where}: text_emb has NaN/Inf values; check the text encoder")
+        if s.image_emb is not None and (not isinstance(s.image_emb, torch.Tensor) or s.image_emb.ndim != 2
+                                        or not bool(torch.isfinite(s.image_emb).all())):
+            raise ValueError(f"{where}: image_emb must be a finite tensor [N, E], got {_shape(s.image_emb)}")
         kind = (s.latent.dtype, s.text_emb.dtype, s.latent.shape[0], s.text_emb.shape[1])
         if self._dtypes is None:
             self._dtypes = kind
@@ -191,7 +196,8 @@ class ShardWriter:
         self._pending.append(Sample(s.latent.detach().cpu().clone(memory_format=torch.contiguous_format),
                                     s.text_emb.detach().cpu().clone(memory_format=torch.contiguous_format),
                                     info["text_len"], info["caption"], info["source"], info["fps"],
-                                    info["frame_indices"], s.extra))
+                                    info["frame_indices"], s.extra,
+                                    None if s.image_emb is None else s.image_emb.detach().cpu().contiguous().clone()))
         n = self.num_samples - 1
         if len(self._pending) >= self.samples_per_shard:
             self.flush()
@@ -208,15 +214,21 @@ class ShardWriter:
         for i, s in enumerate(self._pending):
             tensors[f"{i}.latent"] = s.latent
             tensors[f"{i}.text_emb"] = s.text_emb
-            infos.append({"caption": s.caption, "source": s.source, "fps": s.fps,
-                          "frame_indices": s.frame_indices, "text_len": s.text_len, "extra": s.extra})
+            info = {"caption": s.caption, "source": s.source, "fps": s.fps,
+                    "frame_indices": s.frame_indices, "text_len": s.text_len, "extra": s.extra,
+                    "crc32": [tensor_crc32(s.latent), tensor_crc32(s.text_emb)]}
+            if s.image_emb is not None:
+                tensors[f"{i}.image_emb"] = s.image_emb
+                info["image_emb"] = True
+                info["crc32"].append(tensor_crc32(s.image_emb))
+            infos.append(info)
         header = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                   "dataset": _json(self.metadata, "metadata"), "samples": _json(infos, "samples"),
                   "writer": _json({"shard_index": self.shard_index, "num_shards": self.num_shards, "seq": seq},
                                   "writer")}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=header)
-        self._shards.append({"file": path.name, "num_samples": len(infos),
+        self._shards.append({"file": path.name, "bytes": path.stat().st_size, "num_samples": len(infos),
                              "latent_shapes": [list(s.latent.shape) for s in self._pending],
                              "sources": [s.source for s in self._pending]})
         self._pending = []
@@ -247,6 +259,16 @@ class ShardWriter:
         else:  # keep what was encoded, but leave the part marked incomplete
             self.flush()
             self.closed = True
+
+
+def tensor_crc32(t: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (row-major): stored per sample so the reader can tell a damaged file."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"shard file {path} is damaged: {what}; re-write it (or remove it from the index part)")
 
 
 def _shape(x: Any) -> str:
@@ -308,6 +330,10 @@ class ShardReader:
                 path = self.root / shard["file"]
                 if not path.is_file():
                     raise FileNotFoundError(f"{path} is listed in {part_path} but missing")
+                size = path.stat().st_size
+                if "bytes" in shard and size != shard["bytes"]:
+                    raise _damaged(path, f"{size} bytes, {shard['bytes']} when written ({part_path}); "
+                                         f"{'truncated' if size < shard['bytes'] else 'changed'}")
                 self.files.append(path)
                 shapes = [tuple(int(d) for d in s) for s in shard["latent_shapes"]]
                 if len(shapes) != shard["num_samples"]:
@@ -335,11 +361,17 @@ class ShardReader:
             self._open.move_to_end(file_no)
             return self._open[file_no]
         path = self.files[file_no]
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors' own error type: truncated file, garbled header
+            raise _damaged(path, str(e)) from None
         header = handle.metadata() or {}
         if header.get("format") != FORMAT:
             raise ValueError(f"{path}: header format {header.get('format')!r}, expected {FORMAT!r}")
-        entry = (handle, json.loads(header["samples"]))
+        try:
+            entry = (handle, json.loads(header["samples"]))
+        except (KeyError, ValueError) as e:
+            raise _damaged(path, f"header 'samples' unreadable ({e})") from None
         self._open[file_no] = entry
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -364,16 +396,21 @@ class ShardReader:
         if tuple(latent.shape) != self.shapes[i]:
             raise ValueError(f"{self.files[file_no]}: tensor {j}.latent has shape {tuple(latent.shape)}, "
                              f"index says {self.shapes[i]}")
+        d = infos[j]
         text_emb = handle.get_tensor(f"{j}.text_emb")
-        for key, t in (("latent", latent), ("text_emb", text_emb)):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        image_emb = handle.get_tensor(f"{j}.image_emb") if d.get("image_emb") else None
+        if "crc32" in d:  # written since checksums were added; older shards are read unchecked
+            for name, t, crc in zip(("latent", "text_emb", "image_emb"), (latent, text_emb, image_emb), d["crc32"]):
+                if t is not None and tensor_crc32(t) != crc:
+                    raise _damaged(self.files[file_no], f"tensor {j}.{name} (sample {i}) fails its CRC-32 check")
+        for key, t in (("latent", latent), ("text_emb", text_emb), ("image_emb", image_emb)):
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise BadSample(f"{self.files[file_no]}: sample {j} (dataset index {i}, source "
-                                 f"{infos[j].get('source', '')!r}) has {bad} NaN/Inf values in {j}.{key}; "
-                                 f"re-encode that sample or remove its shard")
-        d = infos[j]
+                                f"{d.get('source', '')!r}) has {bad} NaN/Inf values in {j}.{key}; "
+                                f"re-encode that sample or remove its shard")
         return Sample(latent, text_emb, int(d["text_len"]), d["caption"], d["source"],
-                      float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})))
+                      float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})), image_emb)
 
     def locate(self, i: int) -> tuple[Path, int]:
         """(shard file, position in that file) of sample i, for error messages."""

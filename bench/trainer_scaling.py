@@ -61,8 +61,10 @@ def write_synthetic_shards(
     text_len: int = 8,
     text_dim: int = 32,
     seed: int = 0,
+    image_emb_shape: tuple[int, int] | None = None,
 ) -> Path:
-    """Random latents + text embeddings as apt_core shards (for tests, CI and this benchmark)."""
+    """Random latents + text embeddings (+ image embeddings of `image_emb_shape`, for I2V models) as
+    apt_core shards (for tests, CI and this benchmark)."""
     from apt_core.shards import ShardWriter
 
     g = torch.Generator().manual_seed(seed)
@@ -75,6 +77,7 @@ def write_synthetic_shards(
                 f"synthetic sample {i}",
                 text_len=n,
                 source=f"synthetic/{i}",
+                image_emb=None if image_emb_shape is None else torch.randn(image_emb_shape, generator=g),
             )
     return Path(out_dir)
 

@@ -42,14 +42,16 @@ def family_problem(base_model: str, unet_config: dict) -> str | None:
     """Why a MODEL is not one of the registered model families (apt_core.models.registry), or None if it is."""
     from apt_core.models.registry import comfy_family, describe_supported
 
-    if comfy_family(base_model, unet_config) is not None:
+    fam = comfy_family(base_model, unet_config)
+    if fam is not None and fam.in_nodes:
         return None
     kind = unet_config.get("model_type", "t2v")
     in_dim = unet_config.get("in_dim", WAN_LATENT_CHANNELS)
     out_dim = unet_config.get("out_dim", WAN_LATENT_CHANNELS)
+    known = f" ({fam.title}: supported by apt_core and the headless trainer, not by the nodes yet)" if fam is not None else ""
     return (
         f"APT nodes do not support this MODEL: ComfyUI model class {base_model}, model_type={kind!r}, in_dim={in_dim}, "
-        f"out_dim={out_dim}. Supported: {describe_supported()}. Load one with 'Load Diffusion Model' (UNETLoader)."
+        f"out_dim={out_dim}{known}. Supported: {describe_supported()}. Load one with 'Load Diffusion Model' (UNETLoader)."
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from training.config import ConfigError, dumps, load_config, split_override_args
@@ -18,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="apt-train",
         description="Headless APT training: teacher (flow matching), cd (consistency distillation) or apt stages.",
-        epilog="Any other --section.key=value overrides that config key, e.g. --apt.lr=1e-5 --run.dir=runs/x.",
+        epilog="Any other --section.key=value overrides that config key, e.g. --apt.lr=1e-5 --run.dir=runs/x. "
+        "Exit codes: 0 done, 2 config error, 75 stopped by SIGTERM/SIGUSR1 with a checkpoint saved (rerun to resume).",
     )
     p.add_argument("--config", required=True, help="TOML run config (see configs/ and docs/TRAINING.md)")
     p.add_argument(
@@ -60,17 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from apt_core.shards import BadSample
     from training.distributed import destroy
-    from training.loop import ResumeMismatch, train
+    from training.loop import ResumeMismatch, RunComplete, train
     from training.runlock import RunDirBusy
     from training.stop import EXIT_STOPPED
 
-    STOPS = (RunDirBusy, ResumeMismatch, BadSample, FileExistsError, FileNotFoundError, FloatingPointError)
+    STOPS = (RunComplete, RunDirBusy, ResumeMismatch, BadSample, FileExistsError, FileNotFoundError, FloatingPointError)
 
     log = logging.getLogger("apt-train")
     ok = False
     try:
         result = train(cfg, resume=args.resume, export_only=args.export_only)
         ok = True
+    except ConfigError as e:  # a path or file the config names, found before any model is built (every rank)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"apt-train: config error: {e}", file=sys.stderr)
+        return 2
     except STOPS as e:  # a refusal or a stop with its reason: the message, not a traceback
         print(f"apt-train: error: {e}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -29,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from training.distributed import World, barrier, rng_state, set_rng_state
+from training.distributed import World, barrier, broadcast_object, rng_state, set_rng_state
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -100,6 +101,24 @@ class CheckpointManager:
         found = self.complete()
         return found[-1][1] if found else None
 
+    def resume_point(self) -> tuple[Path | None, list[str]]:
+        """The newest complete checkpoint that `verify` finds intact (None if none), and one warning per
+        newer damaged one, naming its files. Rank 0 decides; every rank gets the same answer."""
+        choice: tuple[str | None, list[str]] = (None, [])
+        if self.world.is_main:
+            warnings_: list[str] = []
+            for _, path in reversed(self.complete()):
+                problems = verify(path)
+                if not problems:
+                    choice = (str(path), warnings_)
+                    break
+                warnings_.append(f"checkpoint {path} is damaged ({'; '.join(problems)}); "
+                                 "falling back to the previous complete checkpoint")
+            else:
+                choice = (None, warnings_)
+        path, warnings_ = broadcast_object(choice)
+        return (Path(path) if path else None), warnings_
+
     def clean_partial(self) -> list[Path]:
         """Delete `step-*.tmp` folders left by a killed save (rank 0; call before training starts)."""
         removed = []
@@ -131,7 +150,8 @@ class CheckpointManager:
         if self.world.is_main:
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
-            marker = {**(info or {}), "step": step, "world_size": self.world.world_size, "time": time.time()}
+            sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}  # checked by verify()
+            marker = {**(info or {}), "step": step, "world_size": self.world.world_size, "time": time.time(), "files": sizes}
             with open(tmp / COMPLETE, "w") as f:
                 json.dump(marker, f)
                 f.flush()
@@ -171,7 +191,11 @@ class CheckpointManager:
         mine = f"rank{self.world.rank}"
         with_rng = any(k.startswith(f"rng.{mine}.") for k in keys)
         full = self._with_rng(state) if with_rng else dict(state)
-        dcp.load(full, checkpoint_id=str(path))
+        try:
+            dcp.load(full, checkpoint_id=str(path))
+        except (CheckpointException, OSError, EOFError) as e:  # reading failed (not a state mismatch)
+            raise RuntimeError(f"loading checkpoint {path} failed ({type(e).__name__}: {e}); it may be damaged: "
+                               "resume from an older step-N folder with --resume PATH") from e
         if with_rng:
             set_rng_state(full["rng"][mine])
         for k in state:
@@ -187,6 +211,40 @@ def _complete(root: Path) -> list[tuple[int, Path]]:
             if m and p.is_dir() and (p / COMPLETE).is_file() and (p / ".metadata").is_file():
                 out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def verify(path: str | os.PathLike) -> list[str]:
+    """What makes a checkpoint folder unusable, one line per damaged file (names it); [] = intact.
+
+    Cheap (no tensor reads): the COMPLETE marker parses, every file it lists has the size it had when
+    saved, the DCP `.metadata` unpickles, and every shard file reaches the last byte `.metadata` points to.
+    """
+    path = Path(path)
+    try:
+        info = read_info(path)
+    except FileNotFoundError as e:
+        return [str(e)]
+    problems = []
+    for name, size in (info.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{f} has {f.stat().st_size} bytes, {size} when saved (truncated or overwritten)")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a damaged pickle raises anything
+        return problems + [f"{path / '.metadata'} is unreadable ({type(e).__name__}: {e})"]
+    ends: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for rel, end in sorted(ends.items()):
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size < end:
+            problems.append(f"{f} has {f.stat().st_size} bytes, .metadata points to byte {end} (truncated)")
+    return list(dict.fromkeys(problems))
 
 
 def find_latest(run_dir: str | os.PathLike) -> Path | None:

@@ -28,9 +28,44 @@ except ImportError:  # Python 3.10
 STAGES = ("teacher", "cd", "apt")
 
 
-def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A config field: default, help text (docs) and optional allowed values."""
-    meta = {"help": help, "choices": choices}
+@dataclass(frozen=True)
+class Bounds:
+    """Allowed range of a numeric key (each item of a list key); NaN never passes, inf only if `finite` is off."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself not allowed
+    hi_open: bool = False
+    finite: bool = True
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "finite"
+
+    def allows(self, v: float) -> bool:
+        """True if `v` lies in the range."""
+        if v != v or (self.finite and math.isinf(v)):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+
+POSITIVE = Bounds(0, lo_open=True)  # > 0
+NONNEG = Bounds(0)  # >= 0 (0 often means "off" or "the default")
+AT_LEAST_1 = Bounds(1)
+FINITE = Bounds()
+DECAY = Bounds(0, 1, hi_open=True)  # EMA decay / Adam beta: 1 would never move
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, bounds: Bounds | None = None) -> Any:
+    """A config field: default, help text (docs), optional allowed values and numeric range."""
+    meta = {"help": help, "choices": choices, "bounds": bounds}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: list(d) if isinstance(d, list) else dict(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,10 +77,10 @@ class RunSection:
 
     stage: str = opt("teacher", "training stage", STAGES)
     dir: str = opt("runs/default", "run directory: config.toml, checkpoints/, metrics.jsonl, samples/, export/")
-    seed: int = opt(0, "base seed: model init, data order and per-sample noise (seed, step, global sample index)")
-    steps: int = opt(100, "optimiser steps for the teacher / cd stages (apt uses apt.image.steps + apt.video.steps)")
+    seed: int = opt(0, "base seed: model init, data order and per-sample noise (seed, step, global sample index)", bounds=NONNEG)
+    steps: int = opt(100, "optimiser steps for the teacher / cd stages (apt uses apt.image.steps + apt.video.steps)", bounds=NONNEG)
     device: str = opt("auto", "auto = cuda if available (one GPU per local rank), else cpu", ("auto", "cpu", "cuda"))
-    warmup_steps: int = opt(0, "linear learning-rate warmup over the first N steps of each phase, for every optimiser (G and D); 0 = off")
+    warmup_steps: int = opt(0, "linear learning-rate warmup over the first N steps of each phase, for every optimiser (G and D); 0 = off", bounds=NONNEG)
 
 
 @dataclass
@@ -54,7 +89,7 @@ class ModelSection:
 
     preset: str = opt("tiny", "a preset of a registered model family (apt_core.models.registry: tiny, tiny-ti2v, wan2.1-t2v-1.3b, wan2.2-ti2v-5b, ...) for models built from scratch")
     init_from: str = opt("", "safetensors in Wan keys (ComfyUI prefixes ok): the ORIGINAL diffusion weights; '' = seeded init")
-    in_dim: int = opt(0, "override the preset's latent channels (3 for pixel models); 0 = preset's")
+    in_dim: int = opt(0, "override the preset's latent channels (3 for pixel models); 0 = preset's", bounds=NONNEG)
     expert_files: list[str] = opt([], "mixture-of-experts presets (e.g. wan2.2-t2v-a14b): the ORIGINAL weights as one "
                                   "safetensors per expert, 'expert=path' (e.g. ['high_noise=/m/high.safetensors', "
                                   "'low_noise=/m/low.safetensors']); replaces init_from; apt stage only")
@@ -62,8 +97,8 @@ class ModelSection:
                                 "(wan2.2-t2v-a14b: high_noise, as t = 1 lies in its range)")
     discriminator_expert: str = opt("", "expert whose file initialises the discriminator backbone; '' = the family's choice "
                                     "(wan2.2-t2v-a14b: high_noise)")
-    lora_rank: int = opt(0, "train LoRA adapters of this rank on the generator instead of all weights; 0 = full fine-tune")
-    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = rank")
+    lora_rank: int = opt(0, "train LoRA adapters of this rank on the generator instead of all weights; 0 = full fine-tune", bounds=NONNEG)
+    lora_alpha: float = opt(0.0, "LoRA alpha; 0 = rank", bounds=NONNEG)
 
 
 @dataclass
@@ -71,8 +106,8 @@ class DataSection:
     """Shards written by apt_core.shards.ShardWriter."""
 
     path: str = opt("", "shard directory (teacher / cd, and apt phases without their own `data`)")
-    micro_batch: int = opt(1, "samples per rank per forward/backward")
-    grad_accum: int = opt(1, "micro batches per optimiser step; global batch = micro_batch * grad_accum * world size")
+    micro_batch: int = opt(1, "samples per rank per forward/backward", bounds=AT_LEAST_1)
+    grad_accum: int = opt(1, "micro batches per optimiser step; global batch = micro_batch * grad_accum * world size", bounds=AT_LEAST_1)
 
 
 @dataclass
@@ -93,51 +128,51 @@ class DistributedSection:
     """Process-group behaviour (training/distributed.py, training/stop.py)."""
 
     timeout_s: float = opt(600.0, "collective timeout (s): a rank that stalls or dies ends the job after this long instead of "
-                           "hanging; must cover the slowest collective wait: rank 0 loading init_from, the first step, a checkpoint save")
+                           "hanging; must cover the slowest collective wait: rank 0 loading init_from, the first step, a checkpoint save", bounds=POSITIVE)
 
 
 @dataclass
 class TeacherSection:
     """Plain flow-matching training: loss MSE(v(x_t, t), eps - x0)."""
 
-    lr: float = opt(1e-4, "AdamW learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
-    grad_clip: float = opt(1.0, "max global gradient norm; 0 = off")
+    lr: float = opt(1e-4, "AdamW learning rate", bounds=POSITIVE)
+    weight_decay: float = opt(0.0, "AdamW weight decay", bounds=NONNEG)
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas", bounds=DECAY)
+    grad_clip: float = opt(1.0, "max global gradient norm; 0 = off", bounds=NONNEG)
     timesteps: str = opt("logit_normal", "training-time sampler", ("logit_normal", "shifted", "uniform"))
-    shift: float = opt(1.0, "timestep shift s applied to the sampled t (shift(t, s) = s t / (1 + (s - 1) t))")
-    logit_mean: float = opt(0.0, "logit-normal mean")
-    logit_std: float = opt(1.0, "logit-normal std")
-    ema_decay: float = opt(0.0, "EMA decay of the trained weights; 0 = no EMA (export the raw weights)")
+    shift: float = opt(1.0, "timestep shift s applied to the sampled t (shift(t, s) = s t / (1 + (s - 1) t))", bounds=POSITIVE)
+    logit_mean: float = opt(0.0, "logit-normal mean", bounds=FINITE)
+    logit_std: float = opt(1.0, "logit-normal std", bounds=POSITIVE)
+    ema_decay: float = opt(0.0, "EMA decay of the trained weights; 0 = no EMA (export the raw weights)", bounds=DECAY)
 
 
 @dataclass
 class CDSection:
     """Consistency distillation of the (frozen) diffusion model into a one-step student (apt_core.trainer.CDTrainer)."""
 
-    lr: float = opt(1e-5, "student learning rate (AAPT: AdamW 1e-5, wd 0.01)")
-    weight_decay: float = opt(0.01, "AdamW weight decay")
-    grid_steps: int = opt(32, "consistency grid size N")
-    grid_shift: float = opt(CDConfig.shift, "grid shift s of t_n = shift(n / N, s) (AAPT: 24; 1 = uniform grid)")
-    cfg_scale: float = opt(1.0, "teacher CFG scale (APT: 7.5 with a negative prompt; 1 = off)")
+    lr: float = opt(1e-5, "student learning rate (AAPT: AdamW 1e-5, wd 0.01)", bounds=POSITIVE)
+    weight_decay: float = opt(0.01, "AdamW weight decay", bounds=NONNEG)
+    grid_steps: int = opt(32, "consistency grid size N", bounds=AT_LEAST_1)
+    grid_shift: float = opt(CDConfig.shift, "grid shift s of t_n = shift(n / N, s) (AAPT: 24; 1 = uniform grid)", bounds=POSITIVE)
+    cfg_scale: float = opt(1.0, "teacher CFG scale (APT: 7.5 with a negative prompt; 1 = off)", bounds=NONNEG)
     negative_embedding: str = opt("", "safetensors with `context` [L, D]: the negative-prompt embedding for CFG; '' = zeros")
     teacher_from: str = opt("", "teacher weights (safetensors); '' = model.init_from")
-    ema_decay: float = opt(0.0, "EMA of the student; 0 = none (AAPT uses none)")
+    ema_decay: float = opt(0.0, "EMA of the student; 0 = none (AAPT uses none)", bounds=DECAY)
 
 
 @dataclass
 class APTPhase:
     """One APT phase (images, then video): G from the previous phase's EMA, D fresh from the diffusion weights."""
 
-    steps: int = opt(0, "G updates in this phase (D and G alternate 1:1); 0 = skip the phase")
-    lr: float = opt(0.0, "G and D learning rate; 0 = apt.lr")
-    lr_d: float = opt(0.0, "D learning rate if different from G's; 0 = same as lr")
-    r1_sigma: float = opt(0.01, "approximated-R1 perturbation std (paper: 0.01 images, 0.1 video)")
-    d_timestep_shift: float = opt(1.0, "D timestep ensemble t ~ shift(U(0,1), s) (paper: 1 images, 12 video)")
-    mismatch_weight: float = opt(0.0, "matching-aware D (GigaGAN, not in APT): weight of real-with-another-caption as fake; 0 = off")
+    steps: int = opt(0, "G updates in this phase (D and G alternate 1:1); 0 = skip the phase", bounds=NONNEG)
+    lr: float = opt(0.0, "G and D learning rate; 0 = apt.lr", bounds=NONNEG)
+    lr_d: float = opt(0.0, "D learning rate if different from G's; 0 = same as lr", bounds=NONNEG)
+    r1_sigma: float = opt(0.01, "approximated-R1 perturbation std (paper: 0.01 images, 0.1 video)", bounds=POSITIVE)
+    d_timestep_shift: float = opt(1.0, "D timestep ensemble t ~ shift(U(0,1), s) (paper: 1 images, 12 video)", bounds=POSITIVE)
+    mismatch_weight: float = opt(0.0, "matching-aware D (GigaGAN, not in APT): weight of real-with-another-caption as fake; 0 = off", bounds=NONNEG)
     data: str = opt("", "shard directory for this phase; '' = data.path")
-    micro_batch: int = opt(0, "samples per rank per micro step; 0 = data.micro_batch")
-    grad_accum: int = opt(0, "micro batches per step; 0 = data.grad_accum")
+    micro_batch: int = opt(0, "samples per rank per micro step; 0 = data.micro_batch", bounds=NONNEG)
+    grad_accum: int = opt(0, "micro batches per step; 0 = data.grad_accum", bounds=NONNEG)
 
     def learning_rates(self, base_lr: float) -> tuple[float, float]:
         """(G lr, D lr) of this phase: lr falls back to apt.lr (`base_lr`), lr_d to the phase's G lr."""
@@ -149,31 +184,31 @@ class APTPhase:
 class SFVSection:
     """The SF-V discriminator (apt.disc_kind = "sfv"): frozen first blocks + spatial/temporal heads, noised inputs."""
 
-    backbone_blocks: int = opt(0, "frozen backbone depth: the first N blocks of the ORIGINAL model; 0 = half of them (SF-V: the encoder)")
-    head_layers: list[int] = opt([], "0-based blocks (< backbone_blocks) with a spatial + temporal head each; [] = 4 evenly spaced, the last included")
-    head_channels: int = opt(0, "width of the heads' convolutions; 0 = min(model width, 128)")
-    p_mean: float = opt(-1.0, "D input noise: sigma ~ LogNormal(p_mean, p_std), t = sigma / (1 + sigma) (SF-V: -1; -2 lets D win too fast)")
-    p_std: float = opt(1.0, "std of log sigma (SF-V: 1)")
+    backbone_blocks: int = opt(0, "frozen backbone depth: the first N blocks of the ORIGINAL model; 0 = half of them (SF-V: the encoder)", bounds=NONNEG)
+    head_layers: list[int] = opt([], "0-based blocks (< backbone_blocks) with a spatial + temporal head each; [] = 4 evenly spaced, the last included", bounds=NONNEG)
+    head_channels: int = opt(0, "width of the heads' convolutions; 0 = min(model width, 128)", bounds=NONNEG)
+    p_mean: float = opt(-1.0, "D input noise: sigma ~ LogNormal(p_mean, p_std), t = sigma / (1 + sigma) (SF-V: -1; -2 lets D win too fast)", bounds=FINITE)
+    p_std: float = opt(1.0, "std of log sigma (SF-V: 1)", bounds=POSITIVE)
 
 
 @dataclass
 class APTSection:
     """Adversarial post-training (apt_core.trainer.APTTrainer)."""
 
-    lr: float = opt(5e-6, "G and D learning rate for phases that set lr = 0 (paper: 5e-6 images)")
+    lr: float = opt(5e-6, "G and D learning rate for phases that set lr = 0 (paper: 5e-6 images)", bounds=POSITIVE)
     generator_init: str = opt("", "G init: the CD stage's export (safetensors, Wan keys); '' = model.init_from")
     loss: str = opt("nonsaturating", "GAN loss (relativistic = AAPT/SeedVR2 pairing with R1 and R2; hinge = SF-V's)",
                     ("nonsaturating", "relativistic", "hinge"))
-    r1_lambda: float = opt(100.0, "approximated-R1 weight (paper 100; AAPT relativistic 1000)")
+    r1_lambda: float = opt(100.0, "approximated-R1 weight (paper 100; AAPT relativistic 1000)", bounds=NONNEG)
     r1_mode: str = opt("approx", "approx = APT's approximated R1 (one batched forward); exact = the gradient penalty by double "
                        "backward, weighted r1_lambda * r1_sigma^2 (SF-V's; math attention, not with parallel.strategy = fsdp)",
                        ("approx", "exact"))
-    ema_decay: float = opt(0.995, "EMA decay of G (the EMA is what gets exported)")
+    ema_decay: float = opt(0.995, "EMA decay of G (the EMA is what gets exported)", bounds=DECAY)
     disc_kind: str = opt("apt", "discriminator: apt = copy of the ORIGINAL model + cross-attention heads (paper); sfv = SF-V's "
                          "frozen first blocks + spatial/temporal heads on noised inputs (apt.sfv; far less memory)", ("apt", "sfv"))
     disc_mode: str = opt("full", "APT D backbone: full (paper), lora adapters, or frozen (heads only)", ("full", "lora", "frozen"))
-    disc_lora_rank: int = opt(16, "LoRA rank of the D backbone when disc_mode = lora")
-    head_layers: list[int] = opt([], "0-based APT D tap blocks; [] = paper's 16/26/36 of 36 scaled to the depth")
+    disc_lora_rank: int = opt(16, "LoRA rank of the D backbone when disc_mode = lora", bounds=AT_LEAST_1)
+    head_layers: list[int] = opt([], "0-based APT D tap blocks; [] = paper's 16/26/36 of 36 scaled to the depth", bounds=NONNEG)
     sfv: SFVSection = field(default_factory=SFVSection)
     image: APTPhase = field(default_factory=lambda: APTPhase(steps=350, r1_sigma=0.01, d_timestep_shift=1.0))
     video: APTPhase = field(default_factory=lambda: APTPhase(steps=300, lr=3e-6, r1_sigma=0.1, d_timestep_shift=12.0))
@@ -183,8 +218,8 @@ class APTSection:
 class CheckpointSection:
     """DCP checkpoints in <run.dir>/checkpoints/step-N/."""
 
-    every: int = opt(100, "save every N optimiser steps (and at the end); 0 = only at the end")
-    keep: int = opt(3, "keep the last K complete checkpoints (older ones are deleted); 0 = keep all")
+    every: int = opt(100, "save every N optimiser steps (and at the end); 0 = only at the end", bounds=NONNEG)
+    keep: int = opt(3, "keep the last K complete checkpoints (older ones are deleted); 0 = keep all", bounds=NONNEG)
 
 
 @dataclass
@@ -200,19 +235,19 @@ class ExportSection:
 class MonitorSection:
     """Progress bar, metrics.jsonl, TensorBoard, validation samples and GAN health checks."""
 
-    log_every: int = opt(10, "host-sync + write the buffered per-step metrics every N steps")
+    log_every: int = opt(10, "host-sync + write the buffered per-step metrics every N steps", bounds=AT_LEAST_1)
     progress: bool = opt(True, "tqdm bar on rank 0")
     tensorboard: bool = opt(False, "also write TensorBoard events to <run.dir>/tb (needs the tensorboard package)")
     peak_tflops: float = opt(0.0, "dense bf16 peak TFLOP/s of one device, for the mfu metric; 0 = known GPUs "
-                             "(H100/H200 989, A100 312, B200 2250), no mfu on other devices")
-    val_every: int = opt(0, "validation samples every N steps (and at the end); 0 = off")
-    val_seeds: list[int] = opt([0, 1, 2, 3], "noise seeds per validation prompt (fixed across the run)")
+                             "(H100/H200 989, A100 312, B200 2250), no mfu on other devices", bounds=NONNEG)
+    val_every: int = opt(0, "validation samples every N steps (and at the end); 0 = off", bounds=NONNEG)
+    val_seeds: list[int] = opt([0, 1, 2, 3], "noise seeds per validation prompt (fixed across the run)", bounds=NONNEG)
     val_prompts: str = opt("", "safetensors with `context` [P, L, D] prompt embeddings; '' = the first val_num_prompts samples")
-    val_num_prompts: int = opt(2, "prompts taken from the dataset when val_prompts is empty")
-    val_fps: int = opt(16, "fps of the validation mp4s")
-    collapse_window: int = opt(50, "steps over which the D loss must stay below d_loss_floor to warn about D winning")
-    d_loss_floor: float = opt(0.01, "D loss considered 'near zero' (collapse warning)")
-    diversity_threshold: float = opt(0.05, "warn when the mean pairwise distance of seeds' samples / the real one falls below this")
+    val_num_prompts: int = opt(2, "prompts taken from the dataset when val_prompts is empty", bounds=AT_LEAST_1)
+    val_fps: int = opt(16, "fps of the validation mp4s", bounds=AT_LEAST_1)
+    collapse_window: int = opt(50, "steps over which the D loss must stay below d_loss_floor to warn about D winning", bounds=AT_LEAST_1)
+    d_loss_floor: float = opt(0.01, "D loss considered 'near zero' (collapse warning)", bounds=Bounds(0, finite=False))
+    diversity_threshold: float = opt(0.05, "warn when the mean pairwise distance of seeds' samples / the real one falls below this", bounds=NONNEG)
 
 
 @dataclass
@@ -348,42 +383,50 @@ def split_override_args(argv: list[str]) -> list[str]:
     return out
 
 
+def generator_init(cfg: RunConfig) -> tuple[str, str]:
+    """(path, dotted key) the trained generator starts from: apt.generator_init or model.init_from; '' = seeded init."""
+    if cfg.run.stage == "apt" and cfg.apt.generator_init:
+        return cfg.apt.generator_init, "apt.generator_init"
+    return cfg.model.init_from, "model.init_from"
+
+
+def check_bounds(obj: Any, prefix: str = "") -> None:
+    """Every numeric key (and list item) within its field's `bounds`, else ConfigError naming the dotted key."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, name + ".")
+            continue
+        bounds = f.metadata.get("bounds")
+        if bounds is None:
+            continue
+        items = [(f"{name}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(name, value)]
+        for key, v in items:
+            if not bounds.allows(v):
+                raise ConfigError(f"{key} must be {bounds}, got {v!r}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
-    """Cross-field checks that single values cannot express."""
-    positive = {
-        "data.micro_batch": cfg.data.micro_batch,
-        "data.grad_accum": cfg.data.grad_accum,
-        "monitor.log_every": cfg.monitor.log_every,
-    }
-    for name, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"{name} must be >= 1, got {v}")
-    for name, v in {"run.steps": cfg.run.steps, "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep": cfg.checkpoint.keep,
-                    "model.lora_rank": cfg.model.lora_rank, "monitor.val_every": cfg.monitor.val_every}.items():
-        if v < 0:
-            raise ConfigError(f"{name} must be >= 0, got {v}")
-    if not cfg.data.path and not (cfg.run.stage == "apt" and cfg.apt.image.data and cfg.apt.video.data):
+    """Value ranges of every key (field `bounds`), then cross-field checks that single values cannot express."""
+    check_bounds(cfg)
+    if cfg.run.stage in ("teacher", "cd") and cfg.run.steps < 1:
+        raise ConfigError(f"run.steps must be >= 1 for stage {cfg.run.stage!r}, got {cfg.run.steps}")
+    if not cfg.data.path and (cfg.run.stage != "apt" or any(p.steps and not p.data for p in (cfg.apt.image, cfg.apt.video))):
         raise ConfigError("data.path is empty: set it to a shard directory (apt_core.shards.ShardWriter output)")
+    g_init, g_key = generator_init(cfg)
+    if cfg.model.lora_rank and not g_init and not cfg.model.expert_files:
+        raise ConfigError(f"model.lora_rank = {cfg.model.lora_rank} on a seeded init ({g_key} = ''): Wan's init zeroes the "
+                          "output head and LoRA keeps it frozen, so every LoRA gradient is zero and nothing would train; "
+                          f"set {g_key} to trained weights, or model.lora_rank = 0 to train all weights")
     if cfg.run.stage == "cd" and not (cfg.model.init_from or cfg.cd.teacher_from):
         raise ConfigError("stage cd needs a teacher: set model.init_from (or cd.teacher_from) to a safetensors file")
     if cfg.run.stage == "apt":
         if cfg.apt.image.steps + cfg.apt.video.steps < 1:
             raise ConfigError("stage apt: apt.image.steps + apt.video.steps must be >= 1")
-        for name in ("image", "video"):
-            p = getattr(cfg.apt, name)
-            for key in ("steps", "micro_batch", "grad_accum"):
-                if getattr(p, key) < 0:
-                    raise ConfigError(f"apt.{name}.{key} must be >= 0, got {getattr(p, key)}")
     _validate_discriminator(cfg)
     if cfg.parallel.compile and cfg.parallel.attention != "default":
         raise ConfigError(f"parallel.attention={cfg.parallel.attention!r} has no effect under parallel.compile=true "
                           "(compiled blocks take PyTorch's dispatcher); set parallel.attention='default' or compile=false")
-    if not cfg.distributed.timeout_s > 0:
-        raise ConfigError(f"distributed.timeout_s must be > 0 seconds, got {cfg.distributed.timeout_s}")
-    if cfg.monitor.peak_tflops < 0:
-        raise ConfigError(f"monitor.peak_tflops must be >= 0, got {cfg.monitor.peak_tflops}")
-    if cfg.run.warmup_steps < 0:
-        raise ConfigError(f"run.warmup_steps must be >= 0, got {cfg.run.warmup_steps}")
     if len(cfg.teacher.betas) != 2:
         raise ConfigError(f"teacher.betas must have 2 values, got {cfg.teacher.betas}")
     if cfg.monitor.val_every and not cfg.monitor.val_seeds:
@@ -394,11 +437,6 @@ def validate(cfg: RunConfig) -> RunConfig:
 def _validate_discriminator(cfg: RunConfig) -> None:
     """The discriminator settings that only make sense together."""
     a, s = cfg.apt, cfg.apt.sfv
-    for name, v in {"apt.sfv.backbone_blocks": s.backbone_blocks, "apt.sfv.head_channels": s.head_channels}.items():
-        if v < 0:
-            raise ConfigError(f"{name} must be >= 0 (0 = the default), got {v}")
-    if s.p_std <= 0:
-        raise ConfigError(f"apt.sfv.p_std must be > 0, got {s.p_std}")
     bad = [i for i in s.head_layers if i < 0 or (s.backbone_blocks and i >= s.backbone_blocks)]
     if bad or len(set(s.head_layers)) != len(s.head_layers):
         limit = f"< apt.sfv.backbone_blocks={s.backbone_blocks}" if s.backbone_blocks else ">= 0"
@@ -482,6 +520,8 @@ def schema_rows(obj: Any = None, prefix: str = "") -> list[tuple[str, str, str, 
         helptext = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             helptext += f" ({' / '.join(map(str, f.metadata['choices']))})"
+        if f.metadata.get("bounds") is not None:
+            helptext += f" ({'each ' if isinstance(value, list) else ''}{f.metadata['bounds']})"
         rows.append((prefix + f.name, t, repr(value), helptext))
     return rows
 

@@ -136,6 +136,7 @@ class Batch:
     captions: list[str]
     sources: list[str]
     indices: torch.Tensor  # dataset indices of the samples
+    image_emb: torch.Tensor | None = None  # [B, N, E] when the shards hold image embeddings (I2V)
 
     def __len__(self) -> int:
         return self.latent.shape[0]
@@ -145,7 +146,8 @@ class Batch:
         return Batch(self.latent.to(device, dtype, non_blocking=non_blocking),
                      self.text_emb.to(device, dtype, non_blocking=non_blocking),
                      self.text_len.to(device, non_blocking=non_blocking), self.captions, self.sources,
-                     self.indices.to(device, non_blocking=non_blocking))
+                     self.indices.to(device, non_blocking=non_blocking),
+                     None if self.image_emb is None else self.image_emb.to(device, dtype, non_blocking=non_blocking))
 
 
 def collate(samples: Sequence[Sample], indices: Sequence[int] | None = None) -> Batch:
@@ -163,9 +165,13 @@ def collate(samples: Sequence[Sample], indices: Sequence[int] | None = None) -> 
     for b, s in enumerate(samples):
         text[b, : s.text_emb.shape[0]] = s.text_emb
     idx = torch.tensor(list(indices) if indices is not None else [-1] * len(samples), dtype=torch.long)
+    has_image = {s.image_emb is not None for s in samples}
+    if len(has_image) != 1:
+        raise ValueError("collate got samples with and without image_emb; one dataset needs one encoder setup")
+    image = torch.stack([s.image_emb for s in samples]) if has_image == {True} else None
     return Batch(torch.stack([s.latent for s in samples]), text,
                  torch.tensor([s.text_len for s in samples], dtype=torch.long),
-                 [s.caption for s in samples], [s.source for s in samples], idx)
+                 [s.caption for s in samples], [s.source for s in samples], idx, image)
 
 
 class BucketedLoader:

@@ -9,6 +9,7 @@ ORIGINAL diffusion weights.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -26,12 +27,12 @@ from apt_core.ema import EMA
 from apt_core.flow import add_noise, generate_one_step, sample_timesteps
 from apt_core.lora import inject_lora
 from apt_core.models.io import config_from_metadata, infer_wan_config, load_state_dict_file, read_metadata
-from apt_core.models.registry import family_of_preset
+from apt_core.models.registry import family_of_config, family_of_preset
 from apt_core.models.wan import WanConfig, get_config
 from apt_core.sfv import SFVDiscriminator
 from apt_core.trainer import APTConfig, APTTrainer, CDConfig, CDTrainer, make_rmsprop
 from training import distributed as D
-from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState, read_info
+from training.checkpoint import CheckpointManager, ModelOptimState, ObjectState, read_info, verify
 from training.config import ConfigError, RunConfig, dumps, load_config, save_config, to_dict
 from training.data import Batch, BucketedLoader, ShardDataset
 from training.export import export_files, export_generator, read_export_info
@@ -44,6 +45,7 @@ from training.monitor import (
     peak_tflops,
 )
 from training.parallelize import autocast_dtype, parallelize, reshard
+from training.preflight import preflight
 from training.runlock import run_lock
 from training.stop import StopRequest
 
@@ -51,6 +53,8 @@ try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -200,11 +204,19 @@ def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, phase
     return parallelize(disc, full, cfg.parallel, world)
 
 
-def _cond(batch: Batch) -> WanCond:
-    """Text context with rows past each sample's text_len zeroed (Wan pads with zeros)."""
+def _cond(batch: Batch, config: WanConfig | None = None) -> WanCond:
+    """Text context with rows past each sample's text_len zeroed (Wan pads with zeros); for a family with
+    an image condition (I2V) also the first frame: each clip's first latent frame + its image embedding."""
     ctx = batch.text_emb.float()
     mask = torch.arange(ctx.shape[1], device=ctx.device)[None, :] < batch.text_len.to(ctx.device)[:, None]
-    return WanCond(ctx * mask[..., None])
+    cond = WanCond(ctx * mask[..., None])
+    fam = family_of_config(config) if config is not None else None
+    if fam is not None and fam.image_condition is not None:
+        if batch.image_emb is None:
+            raise ValueError(f"{fam.title} conditions on the first frame's image embedding, and these shards hold none "
+                             "(write them with ShardWriter.add(..., image_emb=[tokens, dim]))")
+        cond.clip_fea, cond.y = fam.image_condition(batch.latent[:, :, :1].float(), batch.latent.shape[2], batch.image_emb.float())
+    return cond
 
 
 def _per_sample_t(seed: int, step: int, idx: list[int], stream: str, dev: torch.device, **kw) -> torch.Tensor:
@@ -292,7 +304,7 @@ class TeacherStage(Stage):
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         t_cfg, dev = self.cfg.teacher, self.world.device
-        x0, cond = batch.latent.float(), _cond(batch)
+        x0, cond = batch.latent.float(), _cond(batch, self.config)
         eps = self.noise(batch, step, "eps")
         t = _per_sample_t(self.seed, step, self._idx(batch), "t", dev, kind=t_cfg.timesteps, shift=t_cfg.shift,
                           logit_mean=t_cfg.logit_mean, logit_std=t_cfg.logit_std)
@@ -349,7 +361,7 @@ class CDStage(Stage):
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, n = self.world.device, self._idx(batch), self.cfg.cd.grid_steps
-        cond = _cond(batch)
+        cond = _cond(batch, self.config)
         step_index = torch.cat([
             torch.randint(1, n + 1, (1,), generator=torch.Generator().manual_seed(D.sample_seed(self.seed, step, i, "cd_index")))
             for i in idx
@@ -403,7 +415,7 @@ class APTStage(Stage):
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, shift = self.world.device, self._idx(batch), self.phase.apt.d_timestep_shift
-        x0, cond = batch.latent.float(), _cond(batch)
+        x0, cond = batch.latent.float(), _cond(batch, self.config)
         relativistic = self.cfg.apt.loss == "relativistic"
         sfv = self.cfg.apt.disc_kind == "sfv"  # SF-V: D's t is a log-normal sigma and its inputs are noised
         t_kw = (dict(kind="logit_normal", logit_mean=self.cfg.apt.sfv.p_mean, logit_std=self.cfg.apt.sfv.p_std) if sfv
@@ -423,6 +435,10 @@ class APTStage(Stage):
 
 
 STAGES = {"teacher": TeacherStage, "cd": CDStage, "apt": APTStage}
+
+
+class RunComplete(RuntimeError):
+    """run.dir already holds a checkpoint at the run's last step: re-running would train nothing."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,8 +633,12 @@ def validate(stage: Stage, validator: Validator, step: int, logger: MetricsLogge
 
 
 def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False) -> dict[str, Any]:
-    """Run the configured stage to the end (resuming from the newest complete checkpoint if any), holding
-    the run directory's lock (training.runlock) throughout."""
+    """Run the configured stage to the end (resuming from the newest intact checkpoint if any), holding
+    the run directory's lock (training.runlock) throughout.
+
+    Raises ConfigError (before any model is built) for a path that does not open, and RunComplete
+    when run.dir already holds the final step and its export (unless export_only)."""
+    preflight(cfg)
     world = D.init_distributed(cfg.run.device, cfg.parallel.backend, cfg.distributed.timeout_s)
     stop = StopRequest().install(grace_s=cfg.distributed.timeout_s)
     try:
@@ -643,17 +663,24 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
     run_dir = Path(cfg.run.dir)
     ckpt = CheckpointManager(run_dir, world, keep=cfg.checkpoint.keep)
     ckpt.clean_partial()
-    start_path = Path(resume) if isinstance(resume, str) else ckpt.latest()
+    damaged: list[str] = []
+    if isinstance(resume, str):
+        start_path = Path(resume)
+        problems = verify(start_path)
+        if problems:
+            raise ValueError(f"--resume {start_path}: the checkpoint is damaged: {'; '.join(problems)}")
+    else:
+        start_path, damaged = ckpt.resume_point()
+    for message in damaged:
+        log.warning(message)
     if resume is True and start_path is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.dir}")
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt.dir}" + (f" ({damaged[-1]})" if damaged else ""))
     if export_only and start_path is None:
         raise FileNotFoundError(f"--export-only: no complete checkpoint in {ckpt.dir}, so nothing trained to export; "
                                 f"train first, or pass --resume path/to/step-N")
     config = resolve_wan_config(cfg)
     if start_path is not None:
         check_resume_config(cfg, config, start_path)  # before config.toml is rewritten
-    if world.is_main:
-        save_config(cfg, run_dir / "config.toml")
     phases = plan_phases(cfg)
     info = read_info(start_path) if start_path else {"step": 0, "phase": phases[0].name}
     step = int(info["step"])
@@ -662,6 +689,15 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
         raise ValueError(f"checkpoint {start_path} was taken in phase {info.get('phase')!r}, but run.stage="
                          f"{cfg.run.stage!r} has phases {names}; use another run.dir or the matching config")
     k = names.index(info["phase"])
+    final_name = export_name(STAGES[cfg.run.stage].export_name, phases[-1].end, phases[-1].end)
+    exported = not cfg.export.final or export_files(run_dir / "export", final_name, cfg.model.lora_rank)[0].is_file()
+    if step >= phases[-1].end and not export_only and exported:  # (not exported: stopped at the last step; export now)
+        steps_key = "run.steps" if cfg.run.stage != "apt" else f"apt.{phases[-1].name}.steps"
+        raise RunComplete(f"{run_dir} is already complete at step {step} ({start_path}); use --run.dir=<new dir> for "
+                          f"a new run, raise {steps_key} (with --overwrite to replace its export) to train on, or --export-only "
+                          "to export it again")
+    if world.is_main:
+        save_config(cfg, run_dir / "config.toml")
     exports = planned_exports(cfg, phases, k, step, export_only)
     error = None
     if world.is_main:  # rank 0 writes the exports; every rank stops together
@@ -681,6 +717,8 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
     result: dict[str, Any] = {"world_size": world.world_size, "resumed_from": str(start_path) if start_path else None}
     logger.event(step, "start", start_banner(cfg, world, phases, step, start_path), world_size=world.world_size,
                  phases={p.name: [p.start, p.end] for p in phases})
+    for message in damaged:
+        logger.event(step, "warning", message)
     if start_path:
         logger.event(step, "resume", f"resumed from {start_path}", checkpoint=str(start_path), world_size=world.world_size)
     lora = cfg.model.lora_rank

@@ -389,6 +389,7 @@ class Validator:
             save_grid(grid, folder / "grid.png")
             from safetensors.torch import save_file
 
-            save_file({"samples": x.contiguous()}, str(folder / "samples.safetensors"))  # raw outputs, to VAE-decode later
+            with atomic_path(folder / "samples.safetensors") as tmp:  # raw outputs, to VAE-decode later
+                save_file({"samples": x.contiguous()}, str(tmp))
             result["val_dir"] = str(folder)
         return result

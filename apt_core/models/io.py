@@ -240,9 +240,9 @@ def infer_wan_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = Non
             f"not a Wan DiT state dict: no 'head.modulation' key (first keys: {sorted(sd)[:_SHOW]}); "
             f"the key prefixes understood are {KEY_PREFIXES}"
         )
-    for key, kind in (("img_emb.proj.0.bias", "I2V/FLF2V"), ("vace_patch_embedding.weight", "VACE")):
+    for key, kind in (("img_emb.emb_pos", "FLF2V"), ("vace_patch_embedding.weight", "VACE")):
         if key in sd:
-            raise ValueError(f"found {key!r}: this is a Wan {kind} checkpoint; only T2V checkpoints are supported")
+            raise ValueError(f"found {key!r}: this is a Wan {kind} checkpoint; only T2V and I2V checkpoints are supported")
     dim = shape("head.modulation")[-1]
     if num_heads is None:
         if dim % 128:
@@ -268,6 +268,7 @@ def infer_wan_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = Non
         patch_size=patch,
         qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
         cross_attn_norm="blocks.0.norm3.weight" in sd,
+        model_type="i2v" if "img_emb.proj.0.bias" in sd else "t2v",
     )
     fields.update(overrides)
     return WanConfig(**fields)

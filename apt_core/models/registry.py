@@ -23,6 +23,7 @@ FAMILY_MODULES = (
     "apt_core.models.wan21_t2v",
     "apt_core.models.wan22_ti2v",
     "apt_core.models.wan22_a14b",
+    "apt_core.models.wan21_i2v",
 )
 
 
@@ -54,7 +55,7 @@ class ModelFamily:
     presets: Mapping[str, WanConfig]
     comfy_class: str  # ComfyUI model_base class name (type(patcher.model).__name__)
     comfy_unet: Mapping[str, Any]  # unet_config entries ComfyUI's detection sets for this family
-    latent_channels: int
+    latent_channels: int  # channels of the latents the network denoises (its out_dim)
     vae: str  # the VAE the latents come from (for messages)
     vae_stride: tuple[int, int, int]  # (time, height, width) compression of that VAE
     sample_shift: float  # the public config's sampling shift
@@ -66,6 +67,10 @@ class ModelFamily:
     comfy_latent_format: str = ""  # class name in comfy.latent_formats (its process_in/out, preview)
     latent_rgb: tuple[tuple[float, float, float], ...] = ()  # latent -> RGB preview projection (ComfyUI's)
     latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    in_dim: int = 0  # channels into patch_embedding when more than the latents (I2V: + mask + image latent); 0 = latent_channels
+    model_type: str = "t2v"  # WanConfig.model_type of the family's networks
+    image_condition: Callable[..., Any] | None = field(default=None, repr=False)  # I2V: builds the image part of WanCond
+    in_nodes: bool = True  # the ComfyUI nodes take this family's MODELs (False: apt_core / headless only)
     detectable: bool = True  # False when a file cannot be told apart from another family's (e.g. an MoE expert)
     build_fn: Callable[..., nn.Module] = field(default=build_wan, repr=False)
 
@@ -75,9 +80,14 @@ class ModelFamily:
         cfg = self.presets[config] if isinstance(config, str) else config
         return self.build_fn(cfg, device=device, dtype=dtype)
 
+    @property
+    def input_channels(self) -> int:
+        """Channels into the patch embedding (latents, plus mask + image latent for I2V)."""
+        return self.in_dim or self.latent_channels
+
     def matches_config(self, cfg: WanConfig) -> bool:
-        """Whether a config is one of this family's networks (latent channels in and out)."""
-        return cfg.in_dim == self.latent_channels and cfg.out_dim == self.latent_channels
+        """Whether a config is one of this family's networks (channels in and out, model type)."""
+        return (cfg.in_dim, cfg.out_dim, cfg.model_type) == (self.input_channels, self.latent_channels, self.model_type)
 
     def convert_keys(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """File keys -> the module tree's keys (ComfyUI's `model.diffusion_model.` prefixes removed)."""
@@ -90,7 +100,7 @@ class ModelFamily:
         if not self.detectable or pe is None or head is None or any(k not in sd for k in self.marker_keys):
             return False
         out_dim = head.shape[0] // max(1, int(torch.tensor(pe.shape[2:]).prod()))
-        return pe.shape[1] == self.latent_channels and out_dim == self.latent_channels
+        return pe.shape[1] == self.input_channels and out_dim == self.latent_channels
 
     def infer_config(self, sd: Mapping[str, torch.Tensor], **overrides) -> WanConfig:
         """The config of a state dict of this family, from its shapes (io.infer_wan_config)."""
@@ -188,6 +198,14 @@ def family_of_preset(preset: str) -> ModelFamily:
     raise KeyError(f"unknown preset {preset!r}; choose one of {sorted(all_presets())}")
 
 
+def family_of_config(cfg: WanConfig) -> ModelFamily | None:
+    """The family whose networks have this config's channels and model type (first match); None if none."""
+    for fam in families().values():
+        if fam.matches_config(cfg):
+            return fam
+    return None
+
+
 def detect_family(sd: Mapping[str, torch.Tensor]) -> ModelFamily | None:
     """The family of a state dict (file keys), judged by its keys and shapes; None if none fits."""
     sd = _strip(sd)
@@ -213,10 +231,12 @@ def family_for_latent_channels(channels: int) -> ModelFamily | None:
     return None
 
 
-def describe_supported() -> str:
+def describe_supported(nodes_only: bool = True) -> str:
     """'Wan 2.1 T2V (ComfyUI WAN21, model_type t2v, in_dim 16), ...' for error messages."""
     parts = []
     for fam in families().values():
+        if nodes_only and not fam.in_nodes:
+            continue
         unet = ", ".join(f"{k} {v}" for k, v in fam.comfy_unet.items())
         parts.append(f"{fam.title} (ComfyUI {fam.comfy_class}, {unet}; e.g. {fam.example_file})")
     return "; ".join(parts)

@@ -1,7 +1,7 @@
-"""Wan 2.1 text-to-video diffusion transformer, compatible with the public checkpoints.
+"""Wan 2.1 diffusion transformer (text-to-video and image-to-video), compatible with the public checkpoints.
 
 Same module tree, parameter names, shapes and math as Wan-Video/Wan2.1 `wan/modules/model.py`
-(T2V), so the original `.safetensors` files load untouched. Differences are only in plumbing:
+(model_type 't2v' and 'i2v'), so the original `.safetensors` files load untouched. Differences are only in plumbing:
 batched tensors instead of lists, attention through `F.scaled_dot_product_attention` in the input
 dtype (kernel choice: `set_attention_backend`), RoPE tables cached per grid shape, optional
 per-block activation checkpointing, and a feature tap (`forward_features`) for the APT discriminator.
@@ -39,6 +39,7 @@ class WanConfig:
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
+    model_type: str = "t2v"  # "i2v": image latent + mask channels in x, CLIP image tokens in cross-attention
 
     @property
     def head_dim(self) -> int:
@@ -186,6 +187,46 @@ class WanT2VCrossAttention(WanSelfAttention):
         return self.o(attention(q, k, v, self.attention_backend))
 
 
+class WanI2VCrossAttention(WanSelfAttention):
+    """Cross-attention to the CLIP image tokens (k_img / v_img) and to the text, outputs summed before `o`."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, text_len: int = 512):
+        super().__init__(dim, num_heads, qk_norm, eps)
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.text_len = text_len
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # context = [image tokens | text_len text tokens], as the public code concatenates them
+        b, n, d = x.shape[0], self.num_heads, self.head_dim
+        split = context.shape[1] - self.text_len
+        context_img, context = context[:, :split], context[:, split:]
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
+        k = self.norm_k(self.k(context)).view(b, -1, n, d)
+        v = self.v(context).view(b, -1, n, d)
+        k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, d)
+        v_img = self.v_img(context_img).view(b, -1, n, d)
+        img_x = attention(q, k_img, v_img, self.attention_backend)
+        return self.o(attention(q, k, v, self.attention_backend) + img_x)
+
+
+class MLPProj(nn.Module):
+    """CLIP image tokens [B, 257, 1280] -> [B, 257, dim] (the public `img_emb`)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim),
+                                  nn.LayerNorm(out_dim))
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.proj(image_embeds)
+
+
+CLIP_DIM = 1280  # width of the CLIP ViT-H/14 image tokens the I2V models take (257 tokens per image)
+MODEL_TYPES = ("t2v", "i2v")
+
+
 class WanAttentionBlock(nn.Module):
     """One DiT block: modulated self-attention, cross-attention to text, modulated FFN."""
 
@@ -195,7 +236,10 @@ class WanAttentionBlock(nn.Module):
         self.norm1 = WanLayerNorm(dim, cfg.eps)
         self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
         self.norm3 = WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
-        self.cross_attn = WanT2VCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        if cfg.model_type == "i2v":
+            self.cross_attn = WanI2VCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.text_len)
+        else:
+            self.cross_attn = WanT2VCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
         self.norm2 = WanLayerNorm(dim, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
@@ -239,13 +283,16 @@ def _recompute_like_forward() -> tuple[AbstractContextManager, AbstractContextMa
 
 
 class WanModel(nn.Module):
-    """Wan 2.1 T2V DiT. `forward(x [B,C,F,H,W], timestep [B] in [0,1000], context [B,L,text_dim])`."""
+    """Wan 2.1 DiT. `forward(x [B,C,F,H,W], timestep [B] in [0,1000], context [B,L,text_dim])`; I2V models
+    (`model_type="i2v"`) also take `clip_fea` [B, 257, 1280] and `y` [B, in_dim - out_dim, F, H, W] (mask + image latent)."""
 
     def __init__(self, config: WanConfig):
         super().__init__()
         cfg = config
         if cfg.dim % cfg.num_heads or cfg.head_dim % 2:
             raise ValueError(f"dim {cfg.dim} must split into {cfg.num_heads} heads of even size")
+        if cfg.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {cfg.model_type!r} is not supported; choose one of {MODEL_TYPES}")
         self.config = cfg
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(
@@ -255,6 +302,8 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
         self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
+        if cfg.model_type == "i2v":
+            self.img_emb = MLPProj(CLIP_DIM, cfg.dim)
         self.gradient_checkpointing = False
         self.check_inputs_finite = False
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -292,13 +341,28 @@ class WanModel(nn.Module):
             self._rope_cache[key] = rope_cos_sin(grid, self.config.head_dim, device)
         return self._rope_cache[key]
 
-    def validate_inputs(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> None:
+    def validate_inputs(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> None:
         """Raise a ValueError naming the offending input, its shape and what was expected."""
         cfg = self.config
         if x.ndim != 5:
             raise ValueError(f"x must be [B, C, F, H, W] (rank 5), got shape {tuple(x.shape)}")
-        if x.shape[1] != cfg.in_dim:
-            raise ValueError(f"x has {x.shape[1]} channels, the model expects in_dim={cfg.in_dim} (shape {tuple(x.shape)})")
+        if cfg.model_type == "i2v":
+            if clip_fea is None or y is None:
+                raise ValueError("this I2V model needs clip_fea [B, 257, 1280] (CLIP image tokens) and y [B, mask + image "
+                                 f"latent = {cfg.in_dim - x.shape[1]}, F, H, W]; got clip_fea={clip_fea is not None}, y={y is not None}")
+            if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:] or x.shape[1] + y.shape[1] != cfg.in_dim:
+                raise ValueError(f"y {tuple(y.shape)} must match x {tuple(x.shape)} in batch and F/H/W, and x + y channels "
+                                 f"must make in_dim={cfg.in_dim}")
+            if clip_fea.ndim != 3 or clip_fea.shape[0] != x.shape[0] or clip_fea.shape[2] != CLIP_DIM:
+                raise ValueError(f"clip_fea must be [B={x.shape[0]}, tokens, {CLIP_DIM}], got shape {tuple(clip_fea.shape)}")
+        elif clip_fea is not None or y is not None:
+            raise ValueError(f"clip_fea / y are inputs of I2V models; this model is model_type={cfg.model_type!r}")
+        channels = x.shape[1] + (y.shape[1] if y is not None else 0)
+        if channels != cfg.in_dim:
+            raise ValueError(f"x has {channels} channels, the model expects in_dim={cfg.in_dim} (shape {tuple(x.shape)})")
         for axis, size, p in zip("FHW", x.shape[2:], cfg.patch_size):
             if size % p:
                 raise ValueError(f"x size {size} on axis {axis} is not divisible by patch size {p} (shape {tuple(x.shape)})")
@@ -316,11 +380,14 @@ class WanModel(nn.Module):
                     raise ValueError(f"{name} contains NaN or Inf values")
 
     def embed(
-        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:
-        """Patchify + time + text embeddings: tokens [B,N,dim], e [B,dim], e0 [B,6,dim], context, grid."""
-        self.validate_inputs(x, timestep, context)
+        """Patchify + time + text (+ image) embeddings: tokens [B,N,dim], e [B,dim], e0 [B,6,dim], context, grid."""
+        self.validate_inputs(x, timestep, context, clip_fea, y)
         cfg = self.config
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2)
@@ -333,6 +400,8 @@ class WanModel(nn.Module):
         if context.shape[1] < cfg.text_len:
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+        if clip_fea is not None:  # image tokens first, as the public code concatenates them
+            context = torch.cat([self.img_emb(clip_fea.to(context.dtype)), context], dim=1)
         return tokens, e, e0, context, grid
 
     def run_block(
@@ -352,9 +421,12 @@ class WanModel(nn.Module):
         return x.reshape(x.shape[0], c, f * pf, h * ph, w * pw)
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Velocity `eps - x0` for x [B,C,F,H,W] at timestep [B] in [0, 1000], as fp32."""
-        tokens, e, e0, context, grid = self.embed(x, timestep, context)
+        tokens, e, e0, context, grid = self.embed(x, timestep, context, clip_fea, y)
         rope = self.rope(grid, tokens.device)
         for i in range(len(self.blocks)):
             tokens = self.run_block(i, tokens, e0, context, rope)
@@ -362,14 +434,15 @@ class WanModel(nn.Module):
         return _hi(self.unpatchify(out, grid))
 
     def forward_features(
-        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, layers: Sequence[int]
+        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, layers: Sequence[int],
+        clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Hidden states [B, N, dim] after each block index in `layers` (0-based); stops at the deepest."""
         layers = list(layers)
         bad = [i for i in layers if not 0 <= i < len(self.blocks)]
         if bad or not layers:
             raise ValueError(f"feature layers {layers} must be non-empty and within [0, {len(self.blocks) - 1}]")
-        tokens, _, e0, context, grid = self.embed(x, timestep, context)
+        tokens, _, e0, context, grid = self.embed(x, timestep, context, clip_fea, y)
         rope = self.rope(grid, tokens.device)
         wanted, feats = set(layers), {}
         for i in range(max(layers) + 1):

@@ -5,9 +5,12 @@ one-step sampling)."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from apt_core.backbone import WanCond, build_flow_model
 from apt_core.flow import generate_one_step
@@ -22,6 +25,8 @@ from apt_core.models.registry import (
     family_of_preset,
     get_family,
 )
+from apt_core.models.wan import WanModel
+from tests.apt_core.test_wan import _load_public_wan, randomize_all
 
 
 def test_every_family_file_registers_once_and_owns_its_presets():
@@ -135,3 +140,28 @@ def test_a14b_experts_follow_the_public_boundary():
         fam.expert_inits({"high_noise": "h.safetensors"})
     # one expert file has a 14B T2V file's shapes: detected as Wan 2.1 T2V, as ComfyUI loads it (WAN21)
     assert detect_family(build_flow_model("tiny-a14b", device="meta").state_dict()).name == "wan2.1-t2v"
+
+
+@pytest.mark.skipif(not os.environ.get("WAN22_REPO"), reason="set WAN22_REPO to a Wan-Video/Wan2.2 checkout")
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_ti2v_matches_public_wan22_code(monkeypatch):
+    # Wan 2.2 embeds the timestep per token; with one t per clip (text-to-video, every APT pass) it equals ours
+    public = _load_public_wan(Path(os.environ["WAN22_REPO"]), monkeypatch)
+    cfg = get_config("tiny-ti2v")
+    theirs = public.WanModel(model_type="ti2v", patch_size=cfg.patch_size, text_len=cfg.text_len, in_dim=cfg.in_dim, dim=cfg.dim,
+                             ffn_dim=cfg.ffn_dim, freq_dim=cfg.freq_dim, text_dim=cfg.text_dim, out_dim=cfg.out_dim,
+                             num_heads=cfg.num_heads, num_layers=cfg.num_layers, qk_norm=cfg.qk_norm,
+                             cross_attn_norm=cfg.cross_attn_norm, eps=cfg.eps)
+    ours = WanModel(cfg)
+    theirs.load_state_dict(randomize_all(ours), strict=True)  # identical key sets and shapes
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 48, 2, 4, 6, generator=g)
+    t = torch.tensor([999.0, 250.0])
+    ctx_list = [torch.randn(n, cfg.text_dim, generator=g) for n in (7, 4)]
+    ctx = torch.stack([F.pad(c, (0, 0, 0, 7 - c.shape[0])) for c in ctx_list])
+    with torch.no_grad():
+        out = ours(x, t, ctx)
+        # per-token timesteps [B, seq_len], as the public TI2V pipeline passes them
+        ref = torch.stack(theirs(list(x), t[:, None].expand(-1, 2 * 2 * 3), ctx_list, seq_len=2 * 2 * 3))
+    assert ref.abs().mean() > 0.05
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -208,14 +208,20 @@ def test_reader_refuses_non_finite_values_by_file_and_index(tmp_path: Path) -> N
             w.add_sample(make_sample(i, torch.float32))
         with pytest.raises(ValueError, match=r"sample 4 .*text_emb has NaN/Inf"):  # the writer checks text too
             w.add(torch.zeros(4, 2, 3, 5), torch.full((2, 8), float("inf")), "bad")
-    # bit rot or another producer: an Inf in a stored text embedding and a NaN in a latent
+    # another producer (no checksums; bit rot in a checksummed shard fails its CRC-32 first, see below):
+    # an Inf in a stored text embedding and a NaN in a latent
     shard = tmp_path / "shard-00000-000001.safetensors"
     with safe_open(str(shard), framework="pt") as f:
         header = f.metadata()
+    header["samples"] = json.dumps([{k: v for k, v in d.items() if k != "crc32"} for d in json.loads(header["samples"])])
     tensors = load_file(shard)
     tensors["0.text_emb"][1, 2] = float("inf")
     tensors["1.latent"][0, 0, 0, :2] = float("nan")
     save_file(tensors, str(shard), metadata=header)
+    part = tmp_path / "dataset-00000.json"  # nor file sizes
+    index = json.loads(part.read_text())
+    index["shards"] = [{k: v for k, v in e.items() if k != "bytes"} for e in index["shards"]]
+    part.write_text(json.dumps(index))
     r = ShardReader(tmp_path)
     assert_same(r[1], make_sample(1, torch.float32))
     with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 0 \(dataset index 2, source "
@@ -224,3 +230,81 @@ def test_reader_refuses_non_finite_values_by_file_and_index(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"shard-00000-000001\.safetensors: sample 1 .* 2 NaN/Inf values in 1\.latent"):
         r[3]
     assert r.locate(3) == (shard, 1)
+    # the optional image embedding (I2V) is checked the same way
+    with ShardWriter(tmp_path / "i2v", META) as w:
+        w.add(torch.zeros(4, 2, 3, 5), torch.zeros(2, 8), "x", image_emb=torch.ones(3, 6))
+    shard = tmp_path / "i2v/shard-00000-000000.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        header = f.metadata()
+    header["samples"] = json.dumps([{k: v for k, v in d.items() if k != "crc32"} for d in json.loads(header["samples"])])
+    tensors = load_file(shard)
+    tensors["0.image_emb"][2, 5] = float("nan")
+    save_file(tensors, str(shard), metadata=header)
+    part = tmp_path / "i2v/dataset-00000.json"
+    index = json.loads(part.read_text())
+    index["shards"] = [{k: v for k, v in e.items() if k != "bytes"} for e in index["shards"]]
+    part.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"sample 0 .* 1 NaN/Inf values in 0\.image_emb"):
+        ShardReader(tmp_path / "i2v")[0]
+
+
+def _damage_copies(tmp_path: Path) -> tuple[Path, list[Sample]]:
+    samples = [make_sample(i) for i in range(6)]
+    with ShardWriter(tmp_path / "clean", META, samples_per_shard=3) as w:
+        for s in samples:
+            w.add_sample(s)
+    return tmp_path / "clean", samples
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_is_named_when_the_directory_opens(tmp_path: Path) -> None:
+    from training.data import ShardDataset
+
+    clean, samples = _damage_copies(tmp_path)
+    bad = _copy(clean, tmp_path / "truncated")
+    shard = bad / "shard-00000-000001.safetensors"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size - 100])  # a copy that stopped early
+    with pytest.raises(ValueError, match=rf"shard file {shard} is damaged: {size - 100} bytes, {size} when written "
+                                         r"\(.*dataset-00000.json\); truncated"):
+        ShardDataset(bad)
+    # a shard directory written before sizes were recorded: named when the file is first read
+    part = bad / "dataset-00000.json"
+    index = json.loads(part.read_text())
+    for entry in index["shards"]:
+        del entry["bytes"]
+    part.write_text(json.dumps(index))
+    r = ShardReader(bad)
+    assert_same(r[0], samples[0])  # the intact shard still reads
+    with pytest.raises(ValueError, match=rf"shard file {shard} is damaged: .*incomplete metadata"):
+        r[3]
+
+
+def test_byte_flipped_shard_is_named(tmp_path: Path) -> None:
+    clean, samples = _damage_copies(tmp_path)
+    for where in ("data", "header"):
+        bad = _copy(clean, tmp_path / where)
+        shard = bad / "shard-00000-000001.safetensors"
+        raw = bytearray(shard.read_bytes())
+        header_len = int.from_bytes(raw[:8], "little")
+        raw[8 + header_len + 5 if where == "data" else 12] ^= 0x10  # one bit of tensor data / of the JSON header
+        shard.write_bytes(bytes(raw))
+        r = ShardReader(bad)  # same size: opens
+        for i in range(3):
+            assert_same(r[i], samples[i])  # the other shard is fine
+        errors = []
+        for i in range(3, 6):
+            try:
+                assert_same(r[i], samples[i])
+            except ValueError as e:
+                errors.append(str(e))
+        assert len(errors) == (1 if where == "data" else 3), errors
+        assert all(e.startswith(f"shard file {shard} is damaged: ") for e in errors)
+        if where == "data":
+            assert "fails its CRC-32 check" in errors[0]

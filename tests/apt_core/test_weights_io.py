@@ -119,7 +119,9 @@ def test_infer_wan_config_real_sizes():
     with pytest.raises(KeyError, match="head.modulation"):
         infer_wan_config({"foo.weight": torch.zeros(1)})
     sd["img_emb.proj.0.bias"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="I2V"):
+    assert infer_wan_config(sd).model_type == "i2v"  # an I2V file (CLIP image embedding) is read as one
+    sd["img_emb.emb_pos"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="FLF2V"):
         infer_wan_config(sd)
 
 
@@ -233,3 +235,24 @@ def test_strip_prefix_variants():
     assert set(strip_prefix({"diffusion_model.a": t})) == {"a"}
     assert set(strip_prefix({"a": t, "b": t})) == {"a", "b"}
     assert math.prod((1, 2, 2)) == 4
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_get_the_mode_open_would_give(tmp_path, tiny, umask, mode):
+    """Exports, shards and atomic text files: 0666 minus the umask (safetensors alone writes 0600)."""
+    import os
+    import stat
+
+    from apt_core.fileio import atomic_write_text
+    from apt_core.shards import ShardWriter
+
+    old = os.umask(umask)
+    try:
+        paths = [save_wan(tiny, tmp_path / "export.safetensors"), atomic_write_text(tmp_path / "notes.txt", "x")]
+        with ShardWriter(tmp_path / "shards", {"space": "latent"}) as w:
+            w.add(torch.zeros(16, 1, 2, 2), torch.zeros(3, 8), "a caption")
+        paths += [*w.files, tmp_path / "shards/dataset-00000.json"]
+        assert os.umask(umask) == umask  # reading the umask left it as it was
+    finally:
+        os.umask(old)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in paths} == {p.name: oct(mode) for p in paths}

@@ -144,3 +144,15 @@ def test_family_problem_accepts_wan22_ti2v_5b_and_lists_the_families():
     assert latent_problem((1, 48, 2, 4, 4), channels=48) is None
     msg = family_problem("WAN22", {"model_type": "s2v", "in_dim": 48, "out_dim": 48})
     assert "WAN22" in msg and "s2v" in msg and "Wan 2.2 TI2V-5B" in msg and "Wan 2.1 T2V" in msg
+
+
+def test_dataset_node_picks_the_latent_format_by_the_vaes_channels():
+    # the Wan 2.2 VAE (48 channels) was refused; each family's VAE now gets that family's ComfyUI latent format
+    from types import SimpleNamespace
+
+    from nodes.dataset import vae_family
+
+    assert vae_family(SimpleNamespace(latent_channels=48)).comfy_latent_format == "Wan22"
+    assert vae_family(SimpleNamespace(latent_channels=16)).comfy_latent_format == "Wan21"
+    with pytest.raises(ValueError, match="4-channel latents"):
+        vae_family(SimpleNamespace(latent_channels=4))

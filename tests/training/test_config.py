@@ -11,6 +11,7 @@ from training.__main__ import main, parse_args
 from training.config import (
     ConfigError,
     RunConfig,
+    check_bounds,
     dumps,
     load_config,
     save_config,
@@ -100,6 +101,62 @@ def test_errors_name_the_key_and_the_allowed_values(tmp_path, text, overrides, m
     path = write(tmp_path, text + ("" if "[data]" in text else '\n[data]\npath = "d"\n'))
     with pytest.raises(ConfigError, match=match):
         load_config(path, overrides)
+
+
+@pytest.mark.parametrize(
+    "toml, override, match",
+    [
+        ("[teacher]\nlr = 0.0\n", "--teacher.lr=0", r"teacher.lr must be > 0, got 0.0"),
+        ("[apt]\nlr = -1e-5\n", "--apt.lr=-1e-5", r"apt.lr must be > 0, got -1e-05"),
+        ("[apt]\nlr = nan\n", "--apt.lr=nan", r"apt.lr must be > 0, got nan"),
+        ("[cd]\nlr = inf\n", "--cd.lr=inf", r"cd.lr must be > 0, got inf"),
+        ("[apt]\nema_decay = 1.5\n", "--apt.ema_decay=1.5", r"apt.ema_decay must be in \[0, 1\), got 1.5"),
+        ("[teacher]\nema_decay = -0.1\n", "--teacher.ema_decay=-0.1", r"teacher.ema_decay must be in \[0, 1\), got -0.1"),
+        ("[apt]\nr1_lambda = -1\n", "--apt.r1_lambda=-1", r"apt.r1_lambda must be >= 0, got -1.0"),
+        ("[apt.video]\nr1_sigma = 0\n", "--apt.video.r1_sigma=0", r"apt.video.r1_sigma must be > 0, got 0.0"),
+        ("[apt.image]\nd_timestep_shift = -2\n", "--apt.image.d_timestep_shift=-2",
+         r"apt.image.d_timestep_shift must be > 0, got -2.0"),
+        ("[monitor]\nval_fps = 0\n", "--monitor.val_fps=0", r"monitor.val_fps must be >= 1, got 0"),
+        ('[data]\npath = "d"\ngrad_accum = 0\n', "--data.grad_accum=0", r"data.grad_accum must be >= 1, got 0"),
+        ("[apt.video]\nmicro_batch = -1\n", "--apt.video.micro_batch=-1", r"apt.video.micro_batch must be >= 0, got -1"),
+        ("[teacher]\nbetas = [0.9, 1.0]\n", "--teacher.betas=[0.9, 1.0]", r"teacher.betas\[1\] must be in \[0, 1\), got 1.0"),
+        ("[monitor]\nval_seeds = [0, -3]\n", "--monitor.val_seeds=[0,-3]", r"monitor.val_seeds\[1\] must be >= 0, got -3"),
+        ("[cd]\ngrid_steps = 0\n", "--cd.grid_steps=0", r"cd.grid_steps must be >= 1, got 0"),
+        ("[checkpoint]\nkeep = -1\n", "--checkpoint.keep=-1", r"checkpoint.keep must be >= 0, got -1"),
+        ("[monitor]\ndiversity_threshold = -0.5\n", "--monitor.diversity_threshold=-0.5",
+         r"monitor.diversity_threshold must be >= 0, got -0.5"),
+        ('[run]\nstage = "teacher"\nsteps = 0\n', "--run.steps=0", r"run.steps must be >= 1 for stage 'teacher', got 0"),
+        ("[model]\nlora_rank = 4\n", "--model.lora_rank=4",
+         r"model.lora_rank = 4 on a seeded init \(model.init_from = ''\).*every LoRA gradient is zero"),
+    ],
+)
+def test_value_ranges_name_the_key_in_toml_and_overrides(tmp_path, toml, override, match):
+    base = '[data]\npath = "d"\n'
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, toml if "[data]" in toml else base + toml))
+    path = write(tmp_path, base + ('[run]\nstage = "teacher"\n' if "run.steps" in override else ""))
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, [override])
+
+
+def test_every_numeric_key_has_bounds_and_defaults_pass():
+    cfg = RunConfig()
+    check_bounds(cfg)  # the defaults are inside their own ranges
+    import dataclasses
+    import typing
+
+    def leaves(obj, prefix=""):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            v, tp = getattr(obj, f.name), hints[f.name]
+            if dataclasses.is_dataclass(v):
+                yield from leaves(v, prefix + f.name + ".")
+            else:
+                yield prefix + f.name, (typing.get_args(tp) or (tp,))[0], f.metadata  # list[int] -> int
+
+    unbounded = [k for k, tp, meta in leaves(cfg) if meta.get("bounds") is None and tp in (int, float)]
+    assert not unbounded, f"numeric keys without bounds= in opt(): {unbounded}"
+    assert "(> 0)" in dict((k, h) for k, _, _, h in schema_rows())["apt.lr"]  # the docs table shows the range
 
 
 def test_missing_data_path_is_reported(tmp_path):

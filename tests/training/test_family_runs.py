@@ -19,10 +19,24 @@ from apt_core.models.io import load_state_dict_file, load_wan, save_wan
 from apt_core.models.wan import get_config
 from bench.trainer_scaling import write_synthetic_shards
 from training.config import ConfigError, load_config
+from training.data import ShardDataset, collate
 from training.distributed import destroy, init_distributed
-from training.loop import APTStage, original_weights, plan_phases, resolve_wan_config
+from training.loop import APTStage, _cond, original_weights, plan_phases, resolve_wan_config
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_i2v_condition_comes_from_each_clips_first_frame(tmp_path):
+    data = write_synthetic_shards(tmp_path / "data", num=2, latent_shape=(16, 3, 4, 4), image_emb_shape=(257, 1280))
+    batch = collate([ShardDataset(data)[i] for i in range(2)])
+    cond = _cond(batch, get_config("tiny-i2v"))
+    assert torch.equal(cond.clip_fea, batch.image_emb) and cond.y.shape == (2, 20, 3, 4, 4)
+    assert torch.equal(cond.y[:, 4:, :1], batch.latent[:, :, :1]) and cond.y[:, 4:, 1:].abs().sum() == 0
+    assert torch.equal(cond.y[:, :4, 0], torch.ones(2, 4, 4, 4)) and cond.y[:, :4, 1:].abs().sum() == 0
+    assert _cond(batch, get_config("tiny")).y is None  # text-to-video families take text only
+    with pytest.raises(ValueError, match="hold none"):
+        _cond(collate([ShardDataset(write_synthetic_shards(tmp_path / "plain", num=1, latent_shape=(16, 3, 4, 4)))[0]]),
+              get_config("tiny-i2v"))
 
 
 def _headless(tmp_path: Path, data: Path, *overrides: str) -> list[dict]:
@@ -36,9 +50,10 @@ def _headless(tmp_path: Path, data: Path, *overrides: str) -> list[dict]:
     return [r for r in rows if "event" not in r]
 
 
-@pytest.mark.parametrize("preset,channels", [("tiny-ti2v", 48)])
-def test_tiny_headless_apt_run_per_family(tmp_path, preset, channels):
-    data = write_synthetic_shards(tmp_path / "data", num=4, latent_shape=(channels, 1, 4, 4))
+@pytest.mark.parametrize("preset,latent,image_emb", [("tiny-ti2v", (48, 1, 4, 4), None), ("tiny-i2v", (16, 2, 4, 4), (257, 1280))])
+def test_tiny_headless_apt_run_per_family(tmp_path, preset, latent, image_emb):
+    # tiny-i2v: the first frame (first latent frame + its CLIP image tokens from the shards) is the condition
+    data = write_synthetic_shards(tmp_path / "data", num=4, latent_shape=latent, image_emb_shape=image_emb)
     rows = _headless(tmp_path / "run", data, f"--model.preset={preset}")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r[k]) for r in rows for k in ("d_loss", "g_loss"))
