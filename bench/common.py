@@ -205,3 +205,14 @@ def spawn_worker(module: str, case: str, variant: str, args: argparse.Namespace,
         return {"case": case, "variant": variant, "error": message.splitlines()[-1][:300]}
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+def add_ratios(rows: list[dict], reference: str, fields: dict[str, str]) -> None:
+    """Add `<key>_vs_<reference>` = field / the reference variant's field, per case, where both ran."""
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by = {r["variant"]: r for r in rows if r["case"] == case and "error" not in r}
+        ref = by.get(reference, {})
+        for r in by.values():
+            for key, field in fields.items():
+                if r.get(field) is not None and ref.get(field):
+                    r[f"{key}_vs_{reference}"] = r[field] / max(ref[field], 1e-9)

@@ -148,20 +148,9 @@ def _spawn(case: str, variant: str, args: argparse.Namespace) -> dict:
                         timeout=None if case in CASES else WORKER_TIMEOUT_S)
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    """time / CPU time / peak memory of each variant over approximated R1's, where both ran."""
-    for case in dict.fromkeys(r["case"] for r in rows):
-        by = {r["variant"]: r for r in rows if r["case"] == case and "error" not in r}
-        ref = by.get("approx", {})
-        for r in by.values():
-            for key, field in (("time", "step_ms"), ("cpu", "step_cpu_ms"), ("mem", "peak_mib")):
-                if r.get(field) is not None and ref.get(field):
-                    r[f"{key}_vs_approx"] = r[field] / max(ref[field], 1e-9)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run every (case, variant) in its own process, print the table, write results/r1_cost.json."""
-    from bench.common import default_device, print_table, write_results
+    from bench.common import add_ratios, default_device, print_table, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one case only (tiny on CPU, 1 frame on CUDA)")
@@ -195,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(_spawn(case, variant, args))
             print(f"{case}/{variant}: {rows[-1].get('step_ms', rows[-1].get('error'))}", flush=True)
             write_results("r1_cost", {"name": "r1_cost", "device": args.device, "rows": rows, "partial": True})
-    _add_ratios(rows)
+    add_ratios(rows, "approx", {"time": "step_ms", "cpu": "step_cpu_ms", "mem": "peak_mib"})
     print_table(
         f"APT D step: approximated vs exact R1 ({args.device}, 1 process per variant)",
         rows,

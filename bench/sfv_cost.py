@@ -109,20 +109,9 @@ def run_worker(case: str, variant: str, device: str, steps: int, threads: int) -
     }
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    """Time / CPU time / step peak / total of each variant over APT's D, where both ran."""
-    for case in dict.fromkeys(r["case"] for r in rows):
-        by = {r["variant"]: r for r in rows if r["case"] == case and "error" not in r}
-        ref = by.get("apt", {})
-        for r in by.values():
-            for key, field in (("time", "step_ms"), ("cpu", "step_cpu_ms"), ("mem", "peak_mib"), ("total", "total_mib")):
-                if r.get(field) is not None and ref.get(field):
-                    r[f"{key}_vs_apt"] = r[field] / max(ref[field], 1e-9)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run every (case, variant) in its own process, print the table, write results/sfv_cost.json."""
-    from bench.common import default_device, print_table, spawn_worker, write_results
+    from bench.common import add_ratios, default_device, print_table, spawn_worker, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one case only (tiny on CPU, 1 frame on CUDA)")
@@ -155,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      must_run=case in CASES, timeout=None if case in CASES else WORKER_TIMEOUT_S))
             print(f"{case}/{variant}: {rows[-1].get('step_ms', rows[-1].get('error'))}", flush=True)
             write_results("sfv_cost", {"name": "sfv_cost", "device": args.device, "rows": rows, "partial": True})
-    _add_ratios(rows)
+    add_ratios(rows, "apt", {"time": "step_ms", "cpu": "step_cpu_ms", "mem": "peak_mib", "total": "total_mib"})
     print_table(
         f"D step: APT's discriminator vs SF-V's ({args.device}, 1 process per variant)",
         rows,
