@@ -304,17 +304,32 @@ def summary(result: PrepareResult) -> str:
     return "\n".join(lines)
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class _StopFlag:
+    """SIGTERM handler that only records the signal; the run checks it after each file and stops there.
+
+    Raising from the handler instead would land at any bytecode, e.g. inside a finaliser that
+    swallows it, and the run would go on to exit 0 (seen on a loaded CI machine).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def check(self, n: int) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; 0 = done, 1 = interrupted (re-run to continue), 2 = bad arguments/output."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    previous = signal.signal(signal.SIGTERM, _sigterm)  # flush what is encoded, then exit like Ctrl-C
+    stop = _StopFlag()
+    previous = signal.signal(signal.SIGTERM, stop)  # flush what is encoded, then exit like Ctrl-C
     try:
-        result = prepare(args)
+        result = prepare(args, on_item=stop.check)
     except PrepareError as e:
         print(f"apt-prepare: {e}", file=sys.stderr)
         return 2

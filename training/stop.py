@@ -20,6 +20,8 @@ from training.distributed import World
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, checkpoint saved; rerunning the command resumes
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+LAUNCHER_DIED = "launcher died"
+REASONS = (LAUNCHER_DIED, *(s.name for s in SIGNALS))  # the causes every rank can name, most telling first
 
 
 class StopRequest:
@@ -55,7 +57,7 @@ class StopRequest:
     def _watch(self, parent: int, grace_s: float) -> None:
         while not self._done.wait(0.5):
             if os.getppid() != parent:  # re-parented: the launcher is gone (SIGKILL, OOM killer, node agent)
-                self.request("launcher died")
+                self.request(LAUNCHER_DIED)
                 if not self._done.wait(grace_s):
                     os._exit(EXIT_STOPPED)  # the graceful stop did not finish in time (e.g. a rank is stuck)
                 return
@@ -68,12 +70,20 @@ class StopRequest:
         self._previous.clear()
 
     def agreed(self, world: World) -> str | None:
-        """Collective: the stop reason if ANY rank was asked to stop, else None (every rank calls it)."""
+        """Collective: the stop reason if ANY rank was asked to stop, else None (every rank calls it).
+
+        Each rank marks its own reason in a slot per known reason (MAX all-reduce), so every rank
+        reports the real cause, e.g. "launcher died" when another rank's watcher saw it first.
+        """
         if world.world_size == 1 or not dist.is_initialized():
             return self.reason
-        flag = torch.tensor([1.0 if self.reason else 0.0], device=world.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() == 0:
+        slots = torch.zeros(len(REASONS) + 1, device=world.device)
+        if self.reason:
+            slots[REASONS.index(self.reason) if self.reason in REASONS else len(REASONS)] = 1.0
+        dist.all_reduce(slots, op=dist.ReduceOp.MAX)
+        if slots.max().item() == 0:
             return None
-        return self.reason or "stop requested on another rank"
-
+        if self.reason:
+            return self.reason
+        seen = [REASONS[i] for i in range(len(REASONS)) if slots[i].item() > 0]
+        return seen[0] if seen else "stop requested on another rank"
