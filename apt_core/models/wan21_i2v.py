@@ -71,5 +71,7 @@ FAMILY = ModelFamily(
     model_type="i2v",
     image_condition=image_condition,
     marker_keys=("img_emb.proj.0.bias",),
-    in_nodes=False,  # the nodes' trainable copy and frozen callables pass text only so far
+    # The sampler node runs ComfyUI's own WAN21 I2V model, which takes the image condition WanImageToVideo puts into
+    # the CONDITIONING; the training nodes' trainable copy and frozen callables pass text only so far.
+    in_training_nodes=False,
 )
