@@ -287,24 +287,34 @@ def test_one_step_sampling_wan22_a14b_experts(comfy):
     assert not torch.allclose(high, low, atol=1e-4), "both expert files gave the same model"
 
 
-def test_training_nodes_take_the_wan22_a14b_high_noise_expert(comfy, dataset):
-    # the README's A14B wiring: the high-noise expert file as the generator and, by default, APT Discriminator's
-    # model; APT Train runs on it and its generator samples in one step
-    high = {"class_type": "UNETLoader", "inputs": {"unet_name": A14B_HIGH, "weight_dtype": "default"}}
+@pytest.mark.parametrize("unet", [A14B_HIGH, TI2V])
+def test_training_nodes_run_on_the_a14b_high_noise_expert_and_the_ti2v(comfy, dataset, unet):
+    # A14B, the README's wiring: the high-noise expert file as the generator and, by default, APT Discriminator's
+    # model. TI2V-5B: 48-channel latents (shards as the dataset node writes them with the Wan 2.2 VAE; random
+    # here: no Wan 2.2 VAE stand-in). APT Train runs 2 steps; its generator samples in one step and has changed
+    from bench.trainer_scaling import write_synthetic_shards
+
+    name, data = unet.removesuffix(".safetensors"), f"apt/datasets/{RUN}"
+    if unet == TI2V:
+        data = f"apt/datasets/{RUN}-ti2v"
+        if not (comfy.output / data).exists():
+            write_synthetic_shards(comfy.output / data, num=4, latent_shape=(48, 2, 4, 4), text_len=16, text_dim=4096)
+    loader = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}
     graph = {
-        "h": high,
-        "d": {"class_type": "APTLoadDataset", "inputs": {"path": f"apt/datasets/{RUN}"}},
+        "h": loader,
+        "d": {"class_type": "APTLoadDataset", "inputs": {"path": data}},
         "D": {"class_type": "APTDiscriminator", "inputs": {"model": ["h", 0], "mode": "frozen", "head_layers": "auto", "lora_rank": 2}},
         "t": {"class_type": "APTTrain", "inputs": {**api_twin("apt_train_single_gpu")["9"]["inputs"], "generator": ["h", 0],
-                                                   "discriminator": ["D", 0], "dataset": ["d", 0], "steps": 2, "lr": 1e-3, "ema_decay": 0.0, "val_every": 0,
-                                                   "lora_rank": 4, "precision": "fp32", "run_name": f"{RUN}-a14b", "resume": False}},
+                                                   "discriminator": ["D", 0], "dataset": ["d", 0], "steps": 2, "lr": 1e-3, "ema_decay": 0.0,
+                                                   "val_every": 0, "lora_rank": 4, "precision": "fp32", "run_name": f"{RUN}-{name}",
+                                                   "resume": False}},
         "p": {"class_type": "PreviewAny", "inputs": {"source": ["t", 3]}},
     }
     for k in ("val_conditioning", "val_latent"):
         graph["t"]["inputs"].pop(k)
     assert "APT: 2 steps" in "\n".join(texts(comfy.run(graph)))
-    base = one_step_latent(comfy, {"m": high}, "a14b-high")
-    trained = one_step_latent(comfy, {"m": graph["t"], **{k: graph[k] for k in ("h", "d", "D")}}, "a14b-trained")
+    base = one_step_latent(comfy, {"m": loader}, f"{name}-base")
+    trained = one_step_latent(comfy, {"m": graph["t"], **{k: graph[k] for k in ("h", "d", "D")}}, f"{name}-trained")
     assert trained.shape == base.shape and torch.isfinite(trained).all()
     assert not torch.allclose(trained, base, atol=1e-4), "training changed nothing"
 
