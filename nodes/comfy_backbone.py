@@ -43,7 +43,7 @@ def family_problem(base_model: str, unet_config: dict, use: str = "training") ->
 
     use: "training" (the training nodes: Consistency Distill, Discriminator, Train, Save Generator) or
     "sampling" (the APT One-Step Sampler, which runs ComfyUI's own model and so takes more families)."""
-    from apt_core.models.registry import comfy_family, describe_supported, takes
+    from apt_core.models.registry import USES, comfy_family, describe_supported, takes
 
     fam = comfy_family(base_model, unet_config)
     if fam is not None and takes(fam, use):
@@ -54,8 +54,10 @@ def family_problem(base_model: str, unet_config: dict, use: str = "training") ->
     what = "APT training nodes do not take" if use == "training" else "APT nodes do not support"
     known = ""
     if fam is not None:
-        elsewhere = ["the APT One-Step Sampler" if takes(fam, "sampling") else "", "the headless trainer (python -m training)"]
-        known = f" ({fam.title}: supported by {' and '.join(p for p in elsewhere if p)}, not by the APT training nodes yet)"
+        names = {"training": "the APT training nodes", "sampling": "the APT One-Step Sampler",
+                 "headless": "the headless trainer (python -m training)"}
+        where = " and ".join(names[u] for u in USES if u != use and takes(fam, u))
+        known = f" ({fam.title}: supported by {where}, not by {names[use]} yet)"
     return (
         f"{what} this MODEL: ComfyUI model class {base_model}, model_type={kind!r}, in_dim={in_dim}, "
         f"out_dim={out_dim}{known}. Supported here: {describe_supported(use)}. Load one with 'Load Diffusion Model' (UNETLoader)."
