@@ -38,20 +38,29 @@ ATTACHMENT = "apt"  # ModelPatcher attachment key carrying what APT trained (see
 # ----------------------------------------------------------------------------------------------
 
 
-def family_problem(base_model: str, unet_config: dict) -> str | None:
-    """Why a MODEL is not one of the registered model families (apt_core.models.registry), or None if it is."""
-    from apt_core.models.registry import comfy_family, describe_supported
+def family_problem(base_model: str, unet_config: dict, use: str = "training") -> str | None:
+    """Why a MODEL is not a registered model family (apt_core.models.registry) that `use` takes, or None if it is.
+
+    use: "training" (the training nodes: Consistency Distill, Discriminator, Train, Save Generator) or
+    "sampling" (the APT One-Step Sampler, which runs ComfyUI's own model and so takes more families)."""
+    from apt_core.models.registry import USES, comfy_family, describe_supported, takes
 
     fam = comfy_family(base_model, unet_config)
-    if fam is not None and fam.in_nodes:
+    if fam is not None and takes(fam, use):
         return None
     kind = unet_config.get("model_type", "t2v")
     in_dim = unet_config.get("in_dim", WAN_LATENT_CHANNELS)
     out_dim = unet_config.get("out_dim", WAN_LATENT_CHANNELS)
-    known = f" ({fam.title}: supported by apt_core and the headless trainer, not by the nodes yet)" if fam is not None else ""
+    what = "APT training nodes do not take" if use == "training" else "APT nodes do not support"
+    known = ""
+    if fam is not None:
+        names = {"training": "the APT training nodes", "sampling": "the APT One-Step Sampler",
+                 "headless": "the headless trainer (python -m training)"}
+        where = " and ".join(names[u] for u in USES if u != use and takes(fam, u))
+        known = f" ({fam.title}: supported by {where}, not by {names[use]} yet)"
     return (
-        f"APT nodes do not support this MODEL: ComfyUI model class {base_model}, model_type={kind!r}, in_dim={in_dim}, "
-        f"out_dim={out_dim}{known}. Supported: {describe_supported()}. Load one with 'Load Diffusion Model' (UNETLoader)."
+        f"{what} this MODEL: ComfyUI model class {base_model}, model_type={kind!r}, in_dim={in_dim}, "
+        f"out_dim={out_dim}{known}. Supported here: {describe_supported(use)}. Load one with 'Load Diffusion Model' (UNETLoader)."
     )
 
 
@@ -81,13 +90,14 @@ def context_problem(shape: Sequence[int], text_dim: int = WAN_TEXT_DIM) -> str |
     return None
 
 
-def check_model(model: Any) -> None:
-    """Raise ValueError unless `model` is a ComfyUI MODEL of a registered model family."""
+def check_model(model: Any, use: str = "training") -> None:
+    """Raise ValueError unless `model` is a ComfyUI MODEL of a registered model family that `use` takes
+    ("training": the training nodes; "sampling": the APT One-Step Sampler; see family_problem)."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "diffusion_model"):
         raise ValueError(f"expected a ComfyUI MODEL (ModelPatcher), got {type(model).__name__}")
     cfg = dict(getattr(getattr(base, "model_config", None), "unet_config", {}) or {})
-    problem = family_problem(type(base).__name__, cfg)
+    problem = family_problem(type(base).__name__, cfg, use)
     if problem:
         raise ValueError(problem)
 

@@ -104,56 +104,26 @@ def _widgets(prompt: dict, class_type: str) -> dict | None:
     return {k: v for k, v in prompt[ids[0]]["inputs"].items() if not isinstance(v, list)}
 
 
-def _defaults(node_cls: type) -> dict:
-    """Widget defaults of a node class, by input name."""
-    out = {}
-    for section in ("required", "optional"):
-        for name, spec in node_cls.INPUT_TYPES().get(section, {}).items():
-            if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
-                out[name] = spec[1]["default"]
-    return out
-
-
 def run_config_from_prompt(prompt: dict, stage: str, init_from: str, data_path: str, run_dir: str, generator_init: str = "") -> Any:
     """A checked training.config.RunConfig from the APT nodes of an API-format graph.
 
-    Values not in the graph keep the nodes' defaults; paths are the cluster's (given here). The
-    node's batch_size / grad_accum become data.micro_batch = batch_size / grad_accum and
-    data.grad_accum (the same global batch on one GPU; it grows with the cluster's world size).
+    Values not in the graph keep the nodes' defaults; paths are the cluster's (given here). The same
+    mapping as the nodes' own runs (nodes.run_config): batch_size / grad_accum become
+    data.micro_batch = batch_size / grad_accum and data.grad_accum (the same global batch on one GPU;
+    it grows with the cluster's world size).
     """
-    from training.config import RunConfig, from_dict, validate
-
+    from .run_config import checked, widget_config, widget_defaults
     from .train import APTConsistencyDistill, APTDiscriminatorNode, APTTrain, parse_layers
 
-    cd = {**_defaults(APTConsistencyDistill), **(_widgets(prompt, "APTConsistencyDistill") or {})}
-    apt = {**_defaults(APTTrain), **(_widgets(prompt, "APTTrain") or {})}
-    disc = {**_defaults(APTDiscriminatorNode), **(_widgets(prompt, "APTDiscriminator") or {})}
+    cd = {**widget_defaults(APTConsistencyDistill), **(_widgets(prompt, "APTConsistencyDistill") or {})}
+    apt = {**widget_defaults(APTTrain), **(_widgets(prompt, "APTTrain") or {})}
+    disc = {**widget_defaults(APTDiscriminatorNode), **(_widgets(prompt, "APTDiscriminator") or {})}
+    disc["head_layers"] = parse_layers(disc["head_layers"], 10**6) or []
     media = _widgets(prompt, "APTDatasetFromFolder") or {}
-    node = apt if stage == "apt" else cd
-    data = {
-        "run": {"stage": stage, "dir": run_dir, "seed": int(node["seed"]), "steps": int(cd["iterations"])},
-        "model": {"init_from": init_from, "lora_rank": int(node["lora_rank"])},
-        "data": {"path": data_path, "micro_batch": max(1, int(node["batch_size"]) // int(node["grad_accum"])),
-                 "grad_accum": int(node["grad_accum"])},
-        "parallel": {"mixed_precision": "bf16" if node["precision"] == "bf16" else "fp32",
-                     "activation_checkpointing": bool(node["gradient_checkpointing"])},
-        "cd": {"lr": float(cd["lr"]), "grid_steps": int(cd["cd_steps"]), "grid_shift": float(cd["grid_shift"]),
-               "cfg_scale": float(cd["cfg"])},
-        "apt": {"lr": float(apt["lr"]), "generator_init": generator_init, "r1_lambda": float(apt["r1_lambda"]),
-                "ema_decay": float(apt["ema_decay"]), "disc_lora_rank": int(disc["lora_rank"]),
-                "image": {"steps": int(apt["steps"]), "r1_sigma": float(apt["r1_sigma"]),
-                          "d_timestep_shift": float(apt["d_timestep_shift"])},
-                "video": {"steps": 0}},
-        "monitor": {"val_every": int(apt["val_every"]), "val_seeds": [int(apt["val_seed"]) + i for i in range(2)]},
-    }
-    layers = parse_layers(disc["head_layers"], 10**6) or []
-    if disc["mode"] == "sfv":  # the SF-V discriminator, with its hinge loss (R1 stays approximated, as in the node)
-        data["apt"] |= {"disc_kind": "sfv", "loss": "hinge", "sfv": {"head_layers": layers}}
-    else:
-        data["apt"] |= {"disc_mode": disc["mode"], "head_layers": layers}
+    data = widget_config(stage, cd, apt, disc, data_path, run_dir, {"init_from": init_from}, {"generator_init": generator_init})
     if media.get("fps"):
         data["monitor"]["val_fps"] = int(round(float(media["fps"])))
-    return validate(from_dict(RunConfig, data))
+    return checked(data)
 
 
 class APTExportTrainConfig:

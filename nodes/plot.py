@@ -1,11 +1,56 @@
-"""Training curves rendered with matplotlib (Agg) into a ComfyUI IMAGE tensor [1, H, W, 3] in 0..1."""
+"""Training curves rendered with matplotlib (Agg) into a ComfyUI IMAGE tensor [1, H, W, 3] in 0..1,
+from a run's metrics.jsonl (the runner's metric rows and validation events)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+
+# row keys that are bookkeeping or throughput, not training curves
+NOT_PLOTTED = frozenset({"step", "phase", "event", "message", "it_s", "samples_s", "peak_mem_gib", "mfu", "world_size"})
+
+
+def metrics_history(rows: Iterable[Mapping]) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl rows -> {name: [(step, value), ...]}: metric rows and the numbers of validation events.
+
+    A resumed run writes again the steps after its checkpoint: a step at or before a metric's last
+    one drops that metric's later points (the curve shows the run that continued). Nulls (NaN/Inf) are skipped.
+    """
+    out: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        kind = row.get("event")
+        if (kind is not None and kind != "validation") or not isinstance(row.get("step"), int):
+            continue
+        step = row["step"]
+        for k, v in row.items():
+            if k in NOT_PLOTTED or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            points = out.setdefault(k, [])
+            while points and points[-1][0] >= step:
+                points.pop()
+            points.append((step, float(v)))
+    return {k: v for k, v in out.items() if v}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl ([] if there is none); a torn last line (a killed run) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def render_metrics(

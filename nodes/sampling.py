@@ -79,9 +79,9 @@ class APTOneStepSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An APT one-step Wan 2.1 generator (UNETLoader, or a base model + APT LoRA)."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt (CLIPTextEncode with a Wan umT5 CLIP). One-step models use no negative prompt."}),
-            "latent": ("LATENT", {"tooltip": "Sets size and length, e.g. EmptyHunyuanLatentVideo (length 1 for an image)."}),
+            "model": ("MODEL", {"tooltip": "An APT one-step Wan generator (UNETLoader, or a base model + APT LoRA); a Wan 2.1 I2V one takes its first frame from WanImageToVideo's conditioning."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt (CLIPTextEncode with a Wan umT5 CLIP); for image-to-video, WanImageToVideo's positive output. One-step models use no negative prompt."}),
+            "latent": ("LATENT", {"tooltip": "Sets size and length, e.g. EmptyHunyuanLatentVideo (length 1 for an image), or WanImageToVideo's latent."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Seed of the initial noise (and of the re-noising noise for 2 steps)."}),
             "steps": ("INT", {"default": 1, "min": 1, "max": 2, "tooltip": "1: the one-step generator. 2: re-noise to t_mid and refine once (more detail)."}),
@@ -96,7 +96,7 @@ class APTOneStepSampler:
         import latent_preview
         from comfy_extras.nodes_custom_sampler import Guider_Basic
 
-        check_model(model)
+        check_model(model, use="sampling")
         samples = check_latent(model, latent["samples"])
         conditioning_context(positive)
         sigmas = apt_sigmas(steps, t_mid)

@@ -70,7 +70,8 @@ class ModelFamily:
     in_dim: int = 0  # channels into patch_embedding when more than the latents (I2V: + mask + image latent); 0 = latent_channels
     model_type: str = "t2v"  # WanConfig.model_type of the family's networks
     image_condition: Callable[..., Any] | None = field(default=None, repr=False)  # I2V: builds the image part of WanCond
-    in_nodes: bool = True  # the ComfyUI nodes take this family's MODELs (False: apt_core / headless only)
+    in_sampler_node: bool = True  # APT One-Step Sampler takes this family's MODELs (it samples through ComfyUI's own model)
+    in_training_nodes: bool = True  # the training nodes (CD, Discriminator, Train, Save) take them (False: headless only)
     detectable: bool = True  # False when a file cannot be told apart from another family's (e.g. an MoE expert)
     build_fn: Callable[..., nn.Module] = field(default=build_wan, repr=False)
 
@@ -231,11 +232,21 @@ def family_for_latent_channels(channels: int) -> ModelFamily | None:
     return None
 
 
-def describe_supported(nodes_only: bool = True) -> str:
-    """'Wan 2.1 T2V (ComfyUI WAN21, model_type t2v, in_dim 16), ...' for error messages."""
+USES = ("training", "sampling", "headless")  # the node groups of `ModelFamily.in_*`, and the headless trainer (all)
+
+
+def takes(fam: ModelFamily, use: str) -> bool:
+    """Whether `use` (one of USES: the training nodes, the sampler node, headless) takes this family's models."""
+    if use not in USES:
+        raise ValueError(f"use must be one of {USES}, got {use!r}")
+    return {"training": fam.in_training_nodes, "sampling": fam.in_sampler_node, "headless": True}[use]
+
+
+def describe_supported(use: str = "training") -> str:
+    """'Wan 2.1 T2V (ComfyUI WAN21, model_type t2v, in_dim 16), ...' for error messages: the families `use` takes."""
     parts = []
     for fam in families().values():
-        if nodes_only and not fam.in_nodes:
+        if not takes(fam, use):
             continue
         unet = ", ".join(f"{k} {v}" for k, v in fam.comfy_unet.items())
         parts.append(f"{fam.title} (ComfyUI {fam.comfy_class}, {unet}; e.g. {fam.example_file})")

@@ -10,9 +10,12 @@ these files as model class WAN21 with unet_config model_type 'i2v', in_dim 36.
 
 Condition (`image_condition`): as the public `WanI2V.generate`, the mask is 1 on the first latent frame
 (its 4 channels = the 4 pixel frames that latent frame stands for) and 0 after; the image latent is the
-VAE latent of [first frame, black frames...]. Its first latent frame is the first frame's own latent
-(the VAE is causal); callers without the VAE pass that one frame and the later frames are zero here,
-where Wan has the latent of black frames.
+VAE latent of [first frame, zero frames...] in pixel space [-1, 1] (zero = mid-grey; `condition_video`
+builds those pixels; ComfyUI's WanImageToVideo encodes the same, with 0.5 grey in its [0, 1] images).
+Callers with the VAE pass that whole latent. Its first latent frame is the first frame's own latent (the
+VAE is causal), so callers without the VAE (the headless trainer, which has each clip's latent from its
+shards) may pass that one frame: the later frames are then zero here, where Wan has the VAE latent of
+grey frames, which is not zero ((mu - mean) / std of grey frames; tests/apt_core/test_i2v.py).
 """
 
 from __future__ import annotations
@@ -27,11 +30,26 @@ MASK_CHANNELS = 4  # one per pixel frame of a latent frame (the VAE's temporal s
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 256 patches + the class token
 
 
+def condition_video(first_frame: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The pixels whose VAE latent is Wan 2.1 I2V's image latent: the first frame, then zeros (mid-grey).
+
+    first_frame: [B, 3, H, W] or [B, 3, 1, H, W] in [-1, 1]; num_frames: pixel frames of the video (1 + 4k).
+    Returns [B, 3, num_frames, H, W], for the Wan VAE (apt_core.models.wan_vae.WanVAEEncoder.encode).
+    """
+    frame = first_frame[:, :, None] if first_frame.ndim == 4 else first_frame
+    if frame.ndim != 5 or frame.shape[1] != 3 or frame.shape[2] != 1:
+        raise ValueError(f"first_frame must be [B, 3, H, W] or [B, 3, 1, H, W], got shape {tuple(first_frame.shape)}")
+    if num_frames < 1 or (num_frames - 1) % MASK_CHANNELS:
+        raise ValueError(f"num_frames must be 1 + {MASK_CHANNELS}k (the VAE's temporal stride), got {num_frames}")
+    b, _, _, h, w = frame.shape
+    return torch.cat([frame, frame.new_zeros(b, 3, num_frames - 1, h, w)], dim=2)
+
+
 def image_condition(image_latent: torch.Tensor, num_frames: int, clip_fea: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(clip_fea, y) of WanCond for `num_frames` latent frames from the first frame.
 
-    image_latent: [B, 16, 1, H, W] (the first frame's latent) or [B, 16, num_frames, H, W] (the VAE
-    latent of [first frame, black frames]); clip_fea: [B, 257, 1280] CLIP image tokens.
+    image_latent: [B, 16, num_frames, H, W] (the VAE latent of `condition_video`, as Wan) or [B, 16, 1, H, W]
+    (the first frame's latent only: the later frames are zero, see the module docstring); clip_fea: [B, 257, 1280].
     """
     if image_latent.ndim != 5 or image_latent.shape[2] not in (1, num_frames):
         raise ValueError(f"image_latent must be [B, C, 1 or {num_frames}, H, W], got shape {tuple(image_latent.shape)}")
@@ -71,5 +89,7 @@ FAMILY = ModelFamily(
     model_type="i2v",
     image_condition=image_condition,
     marker_keys=("img_emb.proj.0.bias",),
-    in_nodes=False,  # the nodes' trainable copy and frozen callables pass text only so far
+    # The sampler node runs ComfyUI's own WAN21 I2V model, which takes the image condition WanImageToVideo puts into
+    # the CONDITIONING; the training nodes' trainable copy and frozen callables pass text only so far.
+    in_training_nodes=False,
 )

@@ -120,6 +120,34 @@ def test_one_step_image_to_video_depends_on_the_first_frame():
     assert merged.y.shape[0] == 4 and merged.clip_fea.shape[0] == 4
 
 
+def test_image_latent_from_the_wan_vae_and_what_the_first_frame_only_latent_leaves_out():
+    # Wan encodes [first frame, zero (mid-grey) frames] with its VAE (callers with the VAE pass that latent, as
+    # ComfyUI's WanImageToVideo does); callers with only each clip's latent pass its first frame: equal there (the VAE
+    # is causal), zero after, where Wan's latent of grey frames is not zero
+    from apt_core.models.wan21_i2v import condition_video, image_condition
+    from apt_core.models.wan_vae import WanVAEConfig, WanVAEEncoder
+
+    torch.manual_seed(3)
+    vae = WanVAEEncoder(WanVAEConfig(dim=4, num_res_blocks=1)).eval()
+    frame = torch.rand(1, 3, 16, 16) * 2 - 1
+    video = condition_video(frame, 9)
+    assert video.shape == (1, 3, 9, 16, 16) and torch.equal(video[:, :, 0], frame) and video[:, :, 1:].abs().sum() == 0
+    assert torch.equal(condition_video(frame[:, :, None], 9), video)
+    full, first = vae.encode(video), vae.encode(video[:, :, :1])
+    assert full.shape == (1, 16, 3, 2, 2)
+    torch.testing.assert_close(full[:, :, :1], first, rtol=1e-5, atol=1e-5)
+    clip = torch.randn(1, 257, 1280)
+    _, y_wan = image_condition(full, 3, clip)
+    _, y_first = image_condition(first, 3, clip)
+    assert torch.equal(y_wan[:, 4:], full) and torch.equal(y_wan[:, :4], y_first[:, :4])
+    assert torch.equal(y_first[:, 4:, :1], first) and y_first[:, 4:, 1:].abs().sum() == 0
+    assert full[:, :, 1:].abs().mean() > 0.1  # the grey frames' normalised latent: what the first-frame-only path leaves out
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        condition_video(frame, 8)
+    with pytest.raises(ValueError, match="first_frame must be"):
+        condition_video(frame[:, :1], 9)
+
+
 def test_apt_steps_with_the_first_frame_as_condition():
     # APT on I2V: G(z, c) makes a video from the real clip's first frame; D judges (video, same condition)
     torch.manual_seed(2)

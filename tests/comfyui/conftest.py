@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.comfyui.harness import I2V, ROOT, RUN, T2V_3, TI2V, TINY_VAE, TINY_WAN, Comfy, write_media
+from tests.comfyui.harness import ROOT, RUN, TINY_MODELS, TINY_VAE, TINY_WAN, Comfy, write_media
 
 COMFYUI_DIR, COMFYUI_VENV = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_VENV")
 
@@ -22,7 +22,7 @@ def ensure_models(c: Comfy) -> None:
     models = c.dir / "models" / "diffusion_models"
     if not (models / TINY_WAN).is_file() or not (c.dir / "models" / "vae" / TINY_VAE).is_file():
         c.make_models("--vae")
-    if not all((models / name).is_file() for name in (I2V, T2V_3, TI2V)):
+    if not all((models / name).is_file() for name in TINY_MODELS):
         subprocess.run([str(c.venv / "bin" / "python"), str(ROOT / "tests" / "comfyui" / "make_tiny_variants.py")],
                        env={**os.environ, "COMFYUI_DIR": str(c.dir)}, check=True, capture_output=True, timeout=600)
 

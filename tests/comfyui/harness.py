@@ -29,6 +29,8 @@ TINY_VAE = "tiny_wan21_vae.safetensors"
 RUN = f"t{uuid.uuid4().hex[:8]}"  # unique names for this session's files
 I2V, T2V_3 = "apt_test_tiny_wan21_i2v.safetensors", "apt_test_tiny_wan21_t2v_3layers.safetensors"
 TI2V = "apt_test_tiny_wan22_ti2v.safetensors"  # Wan 2.2 TI2V-5B stand-in: 48 channels, ComfyUI class WAN22
+A14B_HIGH, A14B_LOW = "apt_test_tiny_wan22_a14b_high_noise.safetensors", "apt_test_tiny_wan22_a14b_low_noise.safetensors"
+TINY_MODELS = (I2V, T2V_3, TI2V, A14B_HIGH, A14B_LOW)  # make_tiny_variants.py
 
 
 LINKS = ((PACK_NAME, ROOT), ("testnodes", SHARED_TOOLS / "testnodes"), ("apt_testnodes", ROOT / "tests" / "comfyui" / "apt_testnodes"))

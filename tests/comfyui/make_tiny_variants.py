@@ -4,8 +4,11 @@
     $COMFYUI_VENV/bin/python tests/comfyui/make_tiny_variants.py
 
 models/diffusion_models/apt_test_tiny_wan21_t2v_3layers.safetensors  a T2V model with another depth
-models/diffusion_models/apt_test_tiny_wan21_i2v.safetensors          an image-to-video Wan 2.1 (not supported by the nodes)
+models/diffusion_models/apt_test_tiny_wan21_i2v.safetensors          a Wan 2.1 I2V stand-in (in_dim 36, img_emb; preset tiny-comfy-i2v)
 models/diffusion_models/apt_test_tiny_wan22_ti2v.safetensors         a Wan 2.2 TI2V-5B stand-in (48 channels; ComfyUI class WAN22)
+models/diffusion_models/apt_test_tiny_wan22_a14b_{high,low}_noise.safetensors
+                                                                     the two Wan 2.2 A14B experts (each a WAN21 t2v file; other weights)
+Files already there are left alone (other sessions may be reading them).
 """
 import os
 import sys
@@ -33,11 +36,18 @@ def main():
     out = os.path.join(COMFY_ROOT, "models", "diffusion_models")
     common = dict(patch_size=(1, 2, 2), dim=128, ffn_dim=256, freq_dim=256, text_dim=4096, out_dim=16, num_heads=1,
                   operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
-    for name, kw in (("apt_test_tiny_wan21_t2v_3layers", dict(model_type="t2v", in_dim=16, num_layers=3)),
-                     ("apt_test_tiny_wan21_i2v", dict(model_type="i2v", in_dim=36, num_layers=2)),
-                     ("apt_test_tiny_wan22_ti2v", dict(model_type="t2v", in_dim=48, out_dim=48, num_layers=2))):
+    t2v = dict(model_type="t2v", in_dim=16, num_layers=2)
+    for name, kw, seed in (("apt_test_tiny_wan21_t2v_3layers", dict(model_type="t2v", in_dim=16, num_layers=3), 0),
+                           ("apt_test_tiny_wan21_i2v", dict(model_type="i2v", in_dim=36, num_layers=2), 0),
+                           ("apt_test_tiny_wan22_ti2v", dict(model_type="t2v", in_dim=48, out_dim=48, num_layers=2), 0),
+                           ("apt_test_tiny_wan22_a14b_high_noise", t2v, 1),
+                           ("apt_test_tiny_wan22_a14b_low_noise", t2v, 2)):
         path = os.path.join(out, f"{name}.safetensors")
-        save_file(random_sd(WanModel(**{**common, **kw}), 0), path)
+        if os.path.exists(path):
+            continue
+        tmp = os.path.join(out, f".{name}.tmp")
+        save_file(random_sd(WanModel(**{**common, **kw}), seed), tmp)
+        os.replace(tmp, path)
         print("wrote", path)
 
 

@@ -20,12 +20,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests.comfyui.harness import (
+    A14B_HIGH,
+    A14B_LOW,
     I2V,
     PACK_NAME,
     ROOT,
     RUN,
     T2V_3,
     TI2V,
+    TINY_VAE,
     TINY_WAN,
     Comfy,
     api_twin,
@@ -213,7 +216,7 @@ def test_stop_ends_training_within_a_step_and_leaves_the_model_untouched(comfy, 
 
 
 @pytest.mark.parametrize("case, expect", [
-    ("i2v", "image-to-video"),
+    ("i2v", "supported by the APT One-Step Sampler and the headless trainer"),
     ("latent", "not divisible by the patch size"),
     ("empty_folder", "no usable media"),
     ("disc_mismatch", "different model"),
@@ -221,9 +224,12 @@ def test_stop_ends_training_within_a_step_and_leaves_the_model_untouched(comfy, 
 def test_actionable_errors(comfy, dataset, case, expect):
     cond = {"class_type": "TestZeroConditioning", "inputs": {"batch": 1, "length": 16, "dim": 4096}}
     loader = lambda name: {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}  # noqa: E731
-    if case in ("i2v", "latent"):
-        graph = {"m": loader(I2V if case == "i2v" else TINY_WAN), "c": cond,
-                 "l": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64 if case == "i2v" else 72, "height": 64, "length": 5, "batch_size": 1}},
+    if case == "i2v":  # the sampler takes I2V (test_one_step_image_to_video_wan21_i2v); the training nodes refuse it
+        graph = {"m": loader(I2V), "s": {"class_type": "APTSaveGenerator", "inputs": {"model": ["m", 0], "format": "full", "dtype": "fp32",
+                                                                                      "filename": f"apt_test/{RUN}/i2v", "overwrite": False}}}
+    elif case == "latent":
+        graph = {"m": loader(TINY_WAN), "c": cond,
+                 "l": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 72, "height": 64, "length": 5, "batch_size": 1}},
                  "s": {"class_type": "APTOneStepSampler", "inputs": {"model": ["m", 0], "positive": ["c", 0], "latent": ["l", 0], "seed": 0, "steps": 1, "t_mid": 0.5}},
                  "o": {"class_type": "SaveLatent", "inputs": {"samples": ["s", 0], "filename_prefix": f"apt_test/{RUN}/err"}}}
     elif case == "empty_folder":
@@ -269,3 +275,106 @@ def test_one_step_sampling_per_family(comfy, unet, channels):
     x = one_step_latent(comfy, {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}},
                         f"family-{channels}")
     assert x.shape[:2] == (1, channels) and torch.isfinite(x).all() and x.abs().sum() > 0
+
+
+def test_one_step_sampling_wan22_a14b_experts(comfy):
+    # each A14B expert is its own WAN21 t2v file: the high-noise one (G's and by default D's init) samples in one
+    # step, and the low-noise one loads as a MODEL too; the two stand-ins have other random weights
+    loader = lambda name: {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}}  # noqa: E731
+    high, low = one_step_latent(comfy, loader(A14B_HIGH), "a14b-high"), one_step_latent(comfy, loader(A14B_LOW), "a14b-low")
+    for x in (high, low):
+        assert x.shape == (1, 16, 2, 8, 8) and torch.isfinite(x).all() and x.abs().sum() > 0
+    assert not torch.allclose(high, low, atol=1e-4), "both expert files gave the same model"
+
+
+@pytest.mark.parametrize("unet", [A14B_HIGH, TI2V])
+def test_training_nodes_run_on_the_a14b_high_noise_expert_and_the_ti2v(comfy, dataset, unet):
+    # A14B, the README's wiring: the high-noise expert file as the generator and, by default, APT Discriminator's
+    # model. TI2V-5B: 48-channel latents (shards as the dataset node writes them with the Wan 2.2 VAE; random
+    # here: no Wan 2.2 VAE stand-in). APT Train runs 2 steps; its generator samples in one step and has changed
+    from bench.trainer_scaling import write_synthetic_shards
+
+    name, data = unet.removesuffix(".safetensors"), f"apt/datasets/{RUN}"
+    if unet == TI2V:
+        data = f"apt/datasets/{RUN}-ti2v"
+        if not (comfy.output / data).exists():
+            write_synthetic_shards(comfy.output / data, num=4, latent_shape=(48, 2, 4, 4), text_len=16, text_dim=4096)
+    loader = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}
+    graph = {
+        "h": loader,
+        "d": {"class_type": "APTLoadDataset", "inputs": {"path": data}},
+        "D": {"class_type": "APTDiscriminator", "inputs": {"model": ["h", 0], "mode": "frozen", "head_layers": "auto", "lora_rank": 2}},
+        "t": {"class_type": "APTTrain", "inputs": {**api_twin("apt_train_single_gpu")["9"]["inputs"], "generator": ["h", 0],
+                                                   "discriminator": ["D", 0], "dataset": ["d", 0], "steps": 2, "lr": 1e-3, "ema_decay": 0.0,
+                                                   "val_every": 0, "lora_rank": 4, "precision": "fp32", "run_name": f"{RUN}-{name}",
+                                                   "resume": False}},
+        "p": {"class_type": "PreviewAny", "inputs": {"source": ["t", 3]}},
+    }
+    for k in ("val_conditioning", "val_latent"):
+        graph["t"]["inputs"].pop(k)
+    assert "APT: 2 steps" in "\n".join(texts(comfy.run(graph)))
+    base = one_step_latent(comfy, {"m": loader}, f"{name}-base")
+    trained = one_step_latent(comfy, {"m": graph["t"], **{k: graph[k] for k in ("h", "d", "D")}}, f"{name}-trained")
+    assert trained.shape == base.shape and torch.isfinite(trained).all()
+    assert not torch.allclose(trained, base, atol=1e-4), "training changed nothing"
+
+
+def write_start_images(folder: Path) -> tuple[str, str]:
+    """Two small real PNG start frames with different content (a gradient and its mirror with a square)."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    a = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64))], -1)
+    b = a[::-1, ::-1].copy()
+    b[16:48, 16:48] = (255, 32, 0)
+    names = ("apt_i2v_start_a.png", "apt_i2v_start_b.png")
+    for name, img in zip(names, (a, b)):
+        Image.fromarray(img.astype(np.uint8)).save(folder / name)
+    return names
+
+
+def i2v_one_step_latent(comfy: Comfy, image: str | None, tag: str, clip_seed: int = 0, check: bool = False) -> tuple[torch.Tensor, dict]:
+    """Tiny Wan 2.1 I2V stand-in -> WanImageToVideo (start image or none, tiny VAE, stand-in CLIP vision tokens) ->
+    APT One-Step Sampler (check: through APTTestI2VCheck, which also computes it with apt_core); the saved latent
+    and the check's report."""
+    cond = {"class_type": "TestZeroConditioning", "inputs": {"batch": 1, "length": 16, "dim": 4096}}
+    i2v = {"positive": ["c", 0], "negative": ["c", 0], "vae": ["v", 0], "width": 64, "height": 64, "length": 5, "batch_size": 1,
+           "clip_vision_output": ["cv", 0]}
+    g = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": I2V, "weight_dtype": "default"}},
+         "v": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_VAE}},
+         "c": cond,
+         "cv": {"class_type": "APTTestStandInClipVisionOutput", "inputs": {"seed": clip_seed}},
+         "i": {"class_type": "WanImageToVideo", "inputs": i2v},
+         "s": {"class_type": "APTTestI2VCheck" if check else "APTOneStepSampler",
+               "inputs": {"model": ["m", 0], "positive": ["i", 0], "latent": ["i", 2], "seed": 5,
+                          **({} if check else {"steps": 1, "t_mid": 0.5})}},
+         "o": {"class_type": "SaveLatent", "inputs": {"samples": ["s", 0], "filename_prefix": f"apt_test/{RUN}/{tag}"}}}
+    if image is not None:
+        g["img"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+        i2v["start_image"] = ["img", 0]
+    entry = comfy.run(g)
+    f = entry["outputs"]["o"]["latents"][0]
+    return load_file(str(comfy.output / f["subfolder"] / f["filename"]))["latent_tensor"], json.loads(texts(entry)[0]) if check else {}
+
+
+def test_one_step_image_to_video_wan21_i2v(comfy):
+    # issue 17: every node refused Wan 2.1 I2V; the sampler runs ComfyUI's own WAN21 I2V model, which takes the
+    # first frame (VAE latent of [start image, grey frames] + mask) and CLIP image tokens from WanImageToVideo
+    a_name, b_name = write_start_images(comfy.input)
+    a, report = i2v_one_step_latent(comfy, a_name, "i2v-a", check=True)
+    # what the sampler node computed = apt_core's I2V network (numerics checked against the public Wan code in
+    # tests/apt_core/test_i2v.py) on the condition the family's image_condition builds from the same latent/tokens
+    assert report["model_type"] == "i2v" and report["mask_first_frame_only"], report
+    assert report["max_abs_diff"] <= 1e-4 * max(1.0, report["scale"]), report
+    b, _ = i2v_one_step_latent(comfy, b_name, "i2v-b")
+    a_other_clip, _ = i2v_one_step_latent(comfy, a_name, "i2v-a-clip1", clip_seed=1)
+    no_image, _ = i2v_one_step_latent(comfy, None, "i2v-none")
+    for x in (a, b, a_other_clip, no_image):
+        assert x.shape == (1, 16, 2, 8, 8) and torch.isfinite(x).all() and x.abs().sum() > 0
+    # same seed and prompt: another start image, no start image, or other CLIP image tokens give another video (the
+    # runs are deterministic on CPU; the random VAE stand-in maps different images to close latents, hence the small
+    # bound for a vs b: 4e-3 measured)
+    assert (a - b).abs().max() > 1e-4, "the start image did not change the output"
+    assert (a - no_image).abs().max() > 1e-2, "the first-frame condition did not change the output"
+    assert (a - a_other_clip).abs().max() > 1e-2, "the CLIP image tokens did not change the output"

@@ -29,6 +29,21 @@ def test_family_problem_names_the_model_and_the_fix():
     assert "i2v" in msg and "in_dim=36" in msg
 
 
+def test_wan21_i2v_is_taken_by_the_sampler_node_and_refused_by_the_training_nodes():
+    # issue 17: every node refused I2V, the sampler included, though ComfyUI's own WAN21 I2V model takes the
+    # image condition WanImageToVideo puts into the CONDITIONING; the training nodes still pass text only
+    i2v = {"image_model": "wan2.1", "model_type": "i2v", "in_dim": 36}
+    assert family_problem("WAN21", i2v, use="sampling") is None
+    msg = family_problem("WAN21", i2v, use="training")
+    assert msg.startswith("APT training nodes do not take this MODEL") and "Wan 2.1 I2V" in msg
+    assert "APT One-Step Sampler" in msg and "headless trainer" in msg
+    assert "Wan 2.1 I2V" not in msg.split("Supported here:")[1]  # the list names only what the training nodes take
+    msg = family_problem("Flux", {}, use="sampling")
+    assert msg.startswith("APT nodes do not support") and "Wan 2.1 I2V" in msg.split("Supported here:")[1]
+    with pytest.raises(ValueError, match="use must be one of"):
+        family_problem("WAN21", i2v, use="train")
+
+
 def test_latent_problem():
     assert latent_problem((1, 16, 3, 8, 8)) is None
     assert "rank 4" in latent_problem((1, 16, 8, 8))

@@ -50,8 +50,10 @@ def _headless(tmp_path: Path, data: Path, *overrides: str) -> list[dict]:
     return [r for r in rows if "event" not in r]
 
 
-@pytest.mark.parametrize("preset,latent,image_emb", [("tiny-ti2v", (48, 1, 4, 4), None), ("tiny-i2v", (16, 2, 4, 4), (257, 1280))])
+@pytest.mark.parametrize("preset,latent,image_emb", [("tiny", (16, 2, 4, 4), None), ("tiny-ti2v", (48, 1, 4, 4), None),
+                                                     ("tiny-i2v", (16, 2, 4, 4), (257, 1280))])
 def test_tiny_headless_apt_run_per_family(tmp_path, preset, latent, image_emb):
+    # one per family with one file (Wan 2.1 T2V, Wan 2.2 TI2V-5B, Wan 2.1 I2V; the two-expert A14B below);
     # tiny-i2v: the first frame (first latent frame + its CLIP image tokens from the shards) is the condition
     data = write_synthetic_shards(tmp_path / "data", num=4, latent_shape=latent, image_emb_shape=image_emb)
     rows = _headless(tmp_path / "run", data, f"--model.preset={preset}")

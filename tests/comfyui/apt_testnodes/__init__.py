@@ -6,6 +6,10 @@ CLIPTextEncode path calls (`tokenize`, `encode_from_tokens_scheduled`) and produ
 in shape: CONDITIONING [[context [1, 16, 4096], {"pooled_output": None}]] with one row per word
 (deterministic per text) and zero rows after them (umT5's padding is zeroed the same way). Used only
 where a node needs a CLIP object (APT Dataset From Folder); prompts use testnodes' TestZeroConditioning.
+
+APTTestStandInClipVisionOutput is a STAND-IN for CLIPVisionLoader (CLIP ViT-H/14, 632M parameters) +
+CLIPVisionEncode: a CLIP_VISION_OUTPUT whose `penultimate_hidden_states` (what ComfyUI's WAN21 I2V
+model reads as `clip_fea`) are seeded random tokens of the real shape [1, 257, 1280].
 """
 
 import hashlib
@@ -93,6 +97,72 @@ class APTTestAdapterCheck:
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
-NODE_CLASS_MAPPINGS = {"APTTestStandInCLIP": APTTestStandInCLIP, "APTTestAdapterCheck": APTTestAdapterCheck}
+class APTTestI2VCheck:
+    """APT One-Step Sampler on a Wan 2.1 I2V MODEL with WanImageToVideo's conditioning, against apt_core's own I2V
+    network (WanFlowModel from the MODEL's weights) with the condition built by the family's `image_condition` from
+    the same VAE latent and CLIP tokens: x0 = noise - v(noise, t=1), in LATENT space (ComfyUI's process_out)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",), "latent": ("LATENT",),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("LATENT", "STRING")
+    FUNCTION = "check"
+    CATEGORY = "testing/apt"
+    OUTPUT_NODE = True
+
+    def check(self, model, positive, latent, seed):
+        import comfy.sample
+
+        from apt_core.backbone import WanCond, WanFlowModel
+        from apt_core.models.io import infer_wan_config, load_into
+        from apt_core.models.registry import get_family
+
+        bb, sampling = _pack_module("nodes.comfy_backbone"), _pack_module("nodes.sampling")
+        (out,) = sampling.APTOneStepSampler().sample(model, positive, latent, seed, 1, 0.5)
+        with torch.inference_mode(False), torch.no_grad():
+            sd = bb.effective_state_dict(model, torch.float32)
+            with torch.device("meta"):
+                flow = WanFlowModel(infer_wan_config(sd))
+            load_into(flow, sd, strict=True, source="ComfyUI MODEL")
+            ctx, opts = positive[0]
+            image = bb.to_model_space(model, opts["concat_latent_image"].float())
+            noise = comfy.sample.prepare_noise(latent["samples"], seed)
+            clip_fea, y = get_family("wan2.1-i2v").image_condition(image, noise.shape[2],
+                                                                   opts["clip_vision_output"].penultimate_hidden_states.float())
+            v = flow(noise, torch.ones(1), WanCond(ctx.float(), clip_fea, y))  # apt_core zero-pads the text to 512 rows
+            ref = bb.to_latent_space(model, noise - v)
+        mine = out["samples"].float()
+        report = {"max_abs_diff": float((mine - ref).abs().max()), "scale": float(ref.abs().max()),
+                  "velocity_scale": float(v.abs().max()), "model_type": flow.config.model_type,
+                  "mask_first_frame_only": bool(y[:, :4, 0].eq(1).all() and y[:, :4, 1:].eq(0).all())}
+        text = json.dumps(report)
+        return {"ui": {"text": [text]}, "result": (out, text)}
+
+
+class APTTestStandInClipVisionOutput:
+    """Stand-in for CLIPVisionEncode's output with ViT-H/14 (see module docstring)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
+    FUNCTION = "encode"
+    CATEGORY = "testing/apt"
+
+    def encode(self, seed):
+        from comfy.clip_vision import Output
+
+        out = Output()
+        out["penultimate_hidden_states"] = torch.randn(1, 257, 1280, generator=torch.Generator().manual_seed(seed))
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"APTTestStandInCLIP": APTTestStandInCLIP, "APTTestAdapterCheck": APTTestAdapterCheck,
+                       "APTTestStandInClipVisionOutput": APTTestStandInClipVisionOutput, "APTTestI2VCheck": APTTestI2VCheck}
 NODE_DISPLAY_NAME_MAPPINGS = {"APTTestStandInCLIP": "Test: stand-in Wan text encoder (CLIP)",
-                              "APTTestAdapterCheck": "Test: APT adapter check (ComfyUI model vs apt_core copy)"}
+                              "APTTestStandInClipVisionOutput": "Test: stand-in CLIP vision output (ViT-H/14 shape)",
+                              "APTTestAdapterCheck": "Test: APT adapter check (ComfyUI model vs apt_core copy)",
+                              "APTTestI2VCheck": "Test: APT I2V one-step (ComfyUI vs apt_core)"}
