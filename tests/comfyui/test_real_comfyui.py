@@ -426,7 +426,7 @@ def test_training_nodes_run_on_the_a14b_high_noise_expert_and_the_ti2v(comfy, da
         "t": {"class_type": "APTTrain", "inputs": {**api_twin("apt_train_single_gpu")["9"]["inputs"], "generator": ["h", 0],
                                                    "discriminator": ["D", 0], "dataset": ["d", 0], "steps": 2, "lr": 1e-3, "ema_decay": 0.0,
                                                    "val_every": 0, "lora_rank": 4, "precision": "fp32", "run_name": f"{RUN}-{name}",
-                                                   "resume": False}},
+                                                   "resume": True}},  # (queued again below: the finished run's export)
         "p": {"class_type": "PreviewAny", "inputs": {"source": ["t", 3]}},
     }
     for k in ("val_conditioning", "val_latent"):
