@@ -84,6 +84,31 @@ class RunSection:
 
 
 @dataclass
+class ArchSection:
+    """The architecture as WanConfig fields, for a model that matches no preset (e.g. one a ComfyUI node
+    trained); dim = 0 leaves the whole table unset (model.init_from's metadata/shapes, else model.preset)."""
+
+    dim: int = opt(0, "model width; 0 = the table is unset", bounds=NONNEG)
+    ffn_dim: int = opt(0, "feed-forward width", bounds=NONNEG)
+    num_heads: int = opt(0, "attention heads (dim / num_heads = head width)", bounds=NONNEG)
+    num_layers: int = opt(0, "transformer blocks", bounds=NONNEG)
+    in_dim: int = opt(0, "input channels (latent channels, + image-condition channels for i2v)", bounds=NONNEG)
+    out_dim: int = opt(0, "output (latent) channels", bounds=NONNEG)
+    text_dim: int = opt(0, "text-encoder embedding width", bounds=NONNEG)
+    text_len: int = opt(0, "text tokens", bounds=NONNEG)
+    freq_dim: int = opt(0, "timestep sinusoid width", bounds=NONNEG)
+    patch_size: list[int] = opt([], "patch size [F, H, W] (Wan: [1, 2, 2])", bounds=AT_LEAST_1)
+    eps: float = opt(1e-6, "norm epsilon", bounds=POSITIVE)
+    qk_norm: bool = opt(True, "RMS-normalise queries and keys")
+    cross_attn_norm: bool = opt(True, "LayerNorm before cross-attention")
+    model_type: str = opt("t2v", "t2v, or i2v (image latent + mask channels in x, CLIP image tokens in cross-attention)",
+                          ("t2v", "i2v"))
+
+
+ARCH_REQUIRED = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "text_len", "freq_dim")
+
+
+@dataclass
 class ModelSection:
     """The Wan DiT being trained."""
 
@@ -99,6 +124,11 @@ class ModelSection:
                                     "(wan2.2-t2v-a14b: high_noise)")
     lora_rank: int = opt(0, "train LoRA adapters of this rank on the generator instead of all weights; 0 = full fine-tune", bounds=NONNEG)
     lora_alpha: float = opt(0.0, "LoRA alpha; 0 = rank", bounds=NONNEG)
+    source: str = opt("files", "where the base weights come from: files = init_from / expert_files / seeded init; "
+                      "caller = given in-process by a front end (the ComfyUI nodes: train(models=...)); such a run "
+                      "resumes from its checkpoints alone (they hold G, D and the EMA), e.g. apt-train --resume RUN_DIR",
+                      ("files", "caller"))
+    arch: ArchSection = field(default_factory=ArchSection)
 
 
 @dataclass
@@ -243,6 +273,7 @@ class MonitorSection:
     val_every: int = opt(0, "validation samples every N steps (and at the end); 0 = off", bounds=NONNEG)
     val_seeds: list[int] = opt([0, 1, 2, 3], "noise seeds per validation prompt (fixed across the run)", bounds=NONNEG)
     val_prompts: str = opt("", "safetensors with `context` [P, L, D] prompt embeddings; '' = the first val_num_prompts samples")
+    val_shape: list[int] = opt([], "latent shape [C, F, H, W] of the validation samples; [] = the dataset's first shape", bounds=AT_LEAST_1)
     val_num_prompts: int = opt(2, "prompts taken from the dataset when val_prompts is empty", bounds=AT_LEAST_1)
     val_fps: int = opt(16, "fps of the validation mp4s", bounds=AT_LEAST_1)
     collapse_window: int = opt(50, "steps over which the D loss must stay below d_loss_floor to warn about D winning", bounds=AT_LEAST_1)
@@ -413,12 +444,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"run.steps must be >= 1 for stage {cfg.run.stage!r}, got {cfg.run.steps}")
     if not cfg.data.path and (cfg.run.stage != "apt" or any(p.steps and not p.data for p in (cfg.apt.image, cfg.apt.video))):
         raise ConfigError("data.path is empty: set it to a shard directory (apt_core.shards.ShardWriter output)")
+    _validate_model(cfg)
     g_init, g_key = generator_init(cfg)
-    if cfg.model.lora_rank and not g_init and not cfg.model.expert_files:
+    caller = cfg.model.source == "caller"  # base weights given in-process (or, on resume, by the checkpoint)
+    if cfg.model.lora_rank and not g_init and not cfg.model.expert_files and not caller:
         raise ConfigError(f"model.lora_rank = {cfg.model.lora_rank} on a seeded init ({g_key} = ''): Wan's init zeroes the "
                           "output head and LoRA keeps it frozen, so every LoRA gradient is zero and nothing would train; "
                           f"set {g_key} to trained weights, or model.lora_rank = 0 to train all weights")
-    if cfg.run.stage == "cd" and not (cfg.model.init_from or cfg.cd.teacher_from):
+    if cfg.run.stage == "cd" and not (cfg.model.init_from or cfg.cd.teacher_from or caller):
         raise ConfigError("stage cd needs a teacher: set model.init_from (or cd.teacher_from) to a safetensors file")
     if cfg.run.stage == "apt":
         if cfg.apt.image.steps + cfg.apt.video.steps < 1:
@@ -431,7 +464,43 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"teacher.betas must have 2 values, got {cfg.teacher.betas}")
     if cfg.monitor.val_every and not cfg.monitor.val_seeds:
         raise ConfigError("monitor.val_seeds is empty but monitor.val_every > 0")
+    if cfg.monitor.val_shape and len(cfg.monitor.val_shape) != 4:
+        raise ConfigError(f"monitor.val_shape must be [C, F, H, W] (4 values) or [], got {cfg.monitor.val_shape}")
     return cfg
+
+
+def arch_config(cfg: RunConfig) -> Any:
+    """The [model.arch] table as an apt_core WanConfig, or None when it is unset (arch.dim = 0)."""
+    a = cfg.model.arch
+    if not a.dim:
+        return None
+    from apt_core.models.wan import WanConfig
+
+    return WanConfig(**{k: (tuple(v) if k == "patch_size" else v) for k, v in dataclasses.asdict(a).items()})
+
+
+def set_arch(cfg: RunConfig, config: Any) -> RunConfig:
+    """Record an apt_core WanConfig as cfg's [model.arch] table (in place; returns cfg)."""
+    d = dataclasses.asdict(config)
+    cfg.model.arch = ArchSection(**{k: (list(v) if k == "patch_size" else v) for k, v in d.items()})
+    return cfg
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    """[model.arch] set completely or not at all, with a head width that divides the model width."""
+    a = cfg.model.arch
+    if not a.dim:
+        return
+    missing = [f"model.arch.{k}" for k in ARCH_REQUIRED if not getattr(a, k)]
+    if missing:
+        raise ConfigError(f"model.arch.dim = {a.dim} sets the [model.arch] table, which then needs every size: {missing} "
+                          "are 0 (or set model.arch.dim = 0 to take the architecture from model.init_from / model.preset)")
+    if len(a.patch_size) != 3:
+        raise ConfigError(f"model.arch.patch_size must have 3 values [F, H, W], got {a.patch_size}")
+    if a.dim % a.num_heads:
+        raise ConfigError(f"model.arch.dim = {a.dim} is not a multiple of model.arch.num_heads = {a.num_heads}")
+    if a.out_dim > a.in_dim:
+        raise ConfigError(f"model.arch.out_dim = {a.out_dim} exceeds model.arch.in_dim = {a.in_dim}")
 
 
 def _validate_discriminator(cfg: RunConfig) -> None:

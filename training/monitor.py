@@ -34,6 +34,25 @@ def _to_local(v: torch.Tensor) -> torch.Tensor:
     return v.detach().float().reshape(())
 
 
+def to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's metrics as host floats of this rank (one host copy; collective for DTensor metrics)."""
+    if not metrics:
+        return {}
+    keys = list(metrics)
+    values = torch.stack([_to_local(metrics[k]).cpu() for k in keys]).tolist()
+    return dict(zip(keys, values))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The metric rows of a run's metrics.jsonl (events left out; null read back as NaN), oldest first."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        if "event" not in row:
+            rows.append({k: float("nan") if v is None else v for k, v in row.items()})
+    return rows
+
+
 class MetricsLogger:
     """Buffer per-step metric tensors; every `log_every` steps reduce over ranks and write them out."""
 
@@ -336,6 +355,9 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> Path:
     return write_video(path, frames, fps=fps, overwrite=True)
 
 
+LATENTS_FILE = "samples.safetensors"  # in samples/step-N/: `samples` [prompts, seeds, C, F, H, W] fp32
+
+
 class Validator:
     """One-step samples for fixed prompt embeddings x fixed seeds; all ranks run G, rank 0 writes files."""
 
@@ -389,7 +411,10 @@ class Validator:
             save_grid(grid, folder / "grid.png")
             from safetensors.torch import save_file
 
-            with atomic_path(folder / "samples.safetensors") as tmp:  # raw outputs, to VAE-decode later
-                save_file({"samples": x.contiguous()}, str(tmp))
+            latents = folder / LATENTS_FILE  # raw one-step outputs (model space, fp32), to VAE-decode later
+            meta = {"space": "model", "layout": "prompt, seed, C, F, H, W", "seeds": json.dumps(self.seeds), "step": str(step)}
+            with atomic_path(latents) as tmp:
+                save_file({"samples": x.contiguous()}, str(tmp), metadata=meta)
             result["val_dir"] = str(folder)
+            result["val_latents"] = str(latents)
         return result

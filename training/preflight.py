@@ -83,7 +83,7 @@ def check_lora_trains(cfg: RunConfig) -> None:
     """Refuse LoRA on weights whose output head is all zero: the head is frozen, so every LoRA gradient is 0."""
     path, key = generator_init(cfg)
     if cfg.model.lora_rank and not path and cfg.model.expert_files:
-        from training.loop import original_weights  # the family picks G's expert
+        from training.models import original_weights  # the family picks G's expert
 
         path, key = original_weights(cfg)[0], "model.expert_files"
     if not cfg.model.lora_rank or not path:  # lora on a seeded init is refused by config.validate
