@@ -453,14 +453,15 @@ def write_start_images(folder: Path) -> tuple[str, str]:
     return names
 
 
-def i2v_one_step_latent(comfy: Comfy, image: str | None, tag: str, clip_seed: int = 0, check: bool = False) -> tuple[torch.Tensor, dict]:
+def i2v_one_step_latent(comfy: Comfy, image: str | None, tag: str, clip_seed: int = 0, check: bool = False,
+                        unet: str = I2V) -> tuple[torch.Tensor, dict]:
     """Tiny Wan 2.1 I2V stand-in -> WanImageToVideo (start image or none, tiny VAE, stand-in CLIP vision tokens) ->
     APT One-Step Sampler (check: through APTTestI2VCheck, which also computes it with apt_core); the saved latent
     and the check's report."""
     cond = {"class_type": "TestZeroConditioning", "inputs": {"batch": 1, "length": 16, "dim": 4096}}
     i2v = {"positive": ["c", 0], "negative": ["c", 0], "vae": ["v", 0], "width": 64, "height": 64, "length": 5, "batch_size": 1,
            "clip_vision_output": ["cv", 0]}
-    g = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": I2V, "weight_dtype": "default"}},
+    g = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
          "v": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_VAE}},
          "c": cond,
          "cv": {"class_type": "APTTestStandInClipVisionOutput", "inputs": {"seed": clip_seed}},
@@ -497,3 +498,24 @@ def test_one_step_image_to_video_wan21_i2v(comfy):
     assert (a - b).abs().max() > 1e-4, "the start image did not change the output"
     assert (a - no_image).abs().max() > 1e-2, "the first-frame condition did not change the output"
     assert (a - a_other_clip).abs().max() > 1e-2, "the CLIP image tokens did not change the output"
+
+
+def test_headless_i2v_generator_file_loads_with_unetloader_and_samples(comfy):
+    # what COMFYUI.md tells I2V users: the headless trainer's export (apt_core save_wan, Wan keys + config metadata)
+    # goes into models/diffusion_models; UNETLoader detects it as WAN21 i2v and the sampler runs it like ComfyUI's own
+    from apt_core.backbone import build_flow_model
+    from apt_core.models.io import save_wan
+
+    torch.manual_seed(4)
+    gen = build_flow_model("tiny-comfy-i2v")
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.normal_(std=0.02)
+    name = f"apt_test/{RUN}/apt_generator_i2v.safetensors"
+    save_wan(gen, comfy.dir / "models" / "diffusion_models" / name)
+    a_name, _ = write_start_images(comfy.input)
+    x, report = i2v_one_step_latent(comfy, a_name, "i2v-export", check=True, unet=name)
+    assert x.shape == (1, 16, 2, 8, 8) and torch.isfinite(x).all()
+    assert report["model_type"] == "i2v" and report["max_abs_diff"] <= 1e-4 * max(1.0, report["scale"]), report
+    want = sum(float(v.double().abs().sum()) for v in gen.state_dict().values())
+    assert abs(report["weights_abs_sum"] - want) <= 1e-6 * want, (report["weights_abs_sum"], want)  # the file's weights, all of them
