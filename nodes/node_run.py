@@ -86,6 +86,11 @@ def report(title: str, step: int, run_dir: Path, curves: dict[str, list[tuple[in
             f"{run_dir}; last {last}")
 
 
+def in_node_terms(message: str) -> str:
+    """A runner message in the node's words: its run dir is the node's run_name."""
+    return message.replace("another --run.dir", "another run_name").replace("--run.dir=<new dir>", "another run_name")
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """A run input file (validation prompts, negative prompt) in the run folder, replaced atomically."""
     from apt_core.models.io import save_state_dict_file
@@ -151,7 +156,9 @@ def run(cfg: Any, models: Any, title: str) -> tuple[dict | None, bool]:
     Stop: the runner saves a checkpoint, then ComfyUI's InterruptProcessingException is raised."""
     import comfy.model_management as mm
 
+    from training.config import ConfigError
     from training.loop import RunComplete, train
+    from training.runlock import RunDirBusy
 
     from .comfy_env import training_mode
 
@@ -164,6 +171,8 @@ def run(cfg: Any, models: Any, title: str) -> tuple[dict | None, bool]:
     except RunComplete:
         log.info("%s: %s is complete; outputting its export", title, cfg.run.dir)
         return None, True
+    except (ConfigError, RunDirBusy, FloatingPointError) as e:  # a refusal with its reason, in the node's words
+        raise type(e)(in_node_terms(str(e))) from e
     if result.get("stopped"):
         mm.interrupt_current_processing(False)
         raise mm.InterruptProcessingException()

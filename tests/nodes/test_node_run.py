@@ -4,6 +4,7 @@ its outputs from, the same losses as the same settings headless, and the start c
 
 from __future__ import annotations
 
+import json
 import socket
 
 import numpy as np
@@ -15,13 +16,14 @@ from apt_core.backbone import WanFlowModel
 from apt_core.models.io import save_wan
 from apt_core.models.wan import get_config
 from bench.trainer_scaling import write_synthetic_shards
-from nodes.node_run import check_start, export_weights, history, report, validation_latents
+from nodes.node_run import check_start, export_weights, history, in_node_terms, report, validation_latents
 from nodes.run_config import node_run_config, widget_defaults
 from nodes.train import APTTrain
 from training.config import load_config
 from training.distributed import destroy
-from training.loop import RunComplete, train
+from training.loop import ResumeMismatch, RunComplete, train
 from training.models import MemorySource
+from training.stop import StopRequest
 
 TINY = get_config("tiny")
 
@@ -57,7 +59,7 @@ def apt_config(files, folder, lora_rank=4, steps=2):
 
 
 def losses(folder):
-    rows = [r for r in map(__import__("json").loads, (folder / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+    rows = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
     return [(r["step"], r["d_loss"], r["g_loss"]) for r in rows]
 
 
@@ -118,6 +120,18 @@ def test_the_nodes_settings_give_the_same_losses_headless(env, files, tmp_path):
     a, b = losses(node), losses(headless)
     assert len(a) == 2 and [s for s, *_ in a] == [s for s, *_ in b]
     np.testing.assert_allclose(np.array(b)[:, 1:], np.array(a)[:, 1:], rtol=1e-5, atol=1e-7)
+
+
+def test_a_changed_lora_rank_is_refused_in_the_nodes_words(env, files, tmp_path):
+    folder = tmp_path / "run"
+    stop = StopRequest()
+    first = train(apt_config(files, folder, steps=3), models=MemorySource(TINY, lambda: dict(files["sd"])), stop=stop,
+                  on_step=lambda step, total, m: stop.request("Stop pressed in ComfyUI"))  # as the node's Stop does
+    assert first["stopped"] and first["step"] == 1
+    with pytest.raises(ResumeMismatch) as e:
+        train(apt_config(files, folder, lora_rank=8, steps=3), models=MemorySource(TINY, lambda: dict(files["sd"])))
+    text = in_node_terms(str(e.value))
+    assert "model.lora_rank = 4 there, 8 now" in text and "another run_name" in text and "--run.dir" not in text
 
 
 def test_start_checks_protect_the_folder(tmp_path):
