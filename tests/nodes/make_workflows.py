@@ -156,7 +156,8 @@ def workflows() -> dict[str, W]:
     disc_widgets = {"mode": "lora", "head_layers": "auto", "lora_rank": 16}
     note_stage2 = ("**Stage 2: adversarial post-training.** The discriminator is built from the ORIGINAL model (LoRA backbone + "
                    "heads); APT Train alternates D and G steps with approximated R1 and outputs the EMA generator. Stop ends "
-                   "training within one step; queue again with resume on to continue from output/apt/runs/<run_name>. "
+                   "training within one step (a checkpoint is saved); queue again with resume on to continue from "
+                   "output/apt/runs/<run_name>, or on a cluster: python -m training --resume <that folder>. "
                    "Memory: see docs/COMFYUI.md (Wan 1.3B at 480p x 33 frames fits 24 GB with these settings, estimate).")
     note_outputs = ("**Outputs.** The LoRA loads with LoraLoaderModelOnly on the base model, the full file with UNETLoader "
                     "(`apt_t2v_one_step`). Saves refuse to overwrite unless `overwrite` is on. The metrics plot and the decoded "
