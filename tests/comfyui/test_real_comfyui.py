@@ -519,3 +519,12 @@ def test_headless_i2v_generator_file_loads_with_unetloader_and_samples(comfy):
     assert report["model_type"] == "i2v" and report["max_abs_diff"] <= 1e-4 * max(1.0, report["scale"]), report
     want = sum(float(v.double().abs().sum()) for v in gen.state_dict().values())
     assert abs(report["weights_abs_sum"] - want) <= 1e-6 * want, (report["weights_abs_sum"], want)  # the file's weights, all of them
+
+
+def test_i2v_workflow_runs_on_the_stand_ins(comfy):
+    # the shipped apt_i2v_one_step (API twin) with the tiny I2V stand-in, tiny VAE, a real start image and the
+    # text / CLIP vision stand-ins: it writes a video
+    a_name, _ = write_start_images(comfy.input)
+    entry = comfy.run(tiny(api_twin("apt_i2v_one_step"), RUN, unet=I2V, overrides={"5": {"image": a_name}}))
+    files = [f for o in entry["outputs"].values() for f in o.get("images", [])]
+    assert files and all((comfy.output / f["subfolder"] / f["filename"]).stat().st_size > 0 for f in files)
