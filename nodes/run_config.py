@@ -98,13 +98,19 @@ def widget_config(stage: str, cd: Mapping[str, Any], apt: Mapping[str, Any], dis
     return data
 
 
-def node_settings(data: dict, precision: str) -> dict:
-    """What a run inside ComfyUI sets besides the widgets: one process, exports into the run folder
-    (replacing the run's own), the last 2 checkpoints, no console bar and no TensorBoard."""
-    data["parallel"] |= {"strategy": "none"}
+def node_settings(data: dict, precision: str, device: str = "cuda") -> dict:
+    """What a run inside ComfyUI sets besides the widgets: one process on ComfyUI's device (`device`:
+    its type), exports into the run folder (replacing the run's own), the last 2 checkpoints, metrics
+    written every step (the plot), no console bar and no TensorBoard. precision bf16 on a CPU trains in
+    fp32 (mixed_precision auto: bf16 again when the run continues on a GPU). run.device stays auto (a
+    resumed run takes the GPU where there is one) unless ComfyUI runs on the CPU beside a GPU (--cpu)."""
+    import torch
+
+    data["run"] |= {"device": "cpu" if device == "cpu" and torch.cuda.is_available() else "auto"}
+    data["parallel"] |= {"strategy": "none", "mixed_precision": precision if precision == "fp32" or device != "cpu" else "auto"}
     data["checkpoint"] = {"keep": 2}
     data["export"] = {"final": True, "overwrite": True, "dtype": "fp32" if precision == "fp32" else "bf16"}
-    data["monitor"] |= {"progress": False, "tensorboard": False}
+    data["monitor"] |= {"progress": False, "tensorboard": False, "log_every": 1}
     return data
 
 
@@ -139,12 +145,13 @@ def widget_defaults(node_cls: type) -> dict:
 
 def node_run_config(stage: str, widgets: Mapping[str, Any], data_path: str, run_dir: str,
                     disc: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
-                    cd_extra: Mapping[str, Any] | None = None, monitor_extra: Mapping[str, Any] | None = None) -> Any:
+                    cd_extra: Mapping[str, Any] | None = None, monitor_extra: Mapping[str, Any] | None = None,
+                    device: str = "cuda") -> Any:
     """The checked RunConfig a training node runs: `widgets` of APT Consistency Distill (stage "cd") or
     APT Train (stage "apt", with the APT Discriminator's `disc`), its run folder and dataset path.
 
     `model`: [model] keys recording where the weights come from; `cd_extra` / `monitor_extra`: run
-    files the node wrote (cd.negative_embedding, monitor.val_prompts, ...)."""
+    files the node wrote (cd.negative_embedding, monitor.val_prompts, ...); `device`: ComfyUI's device type."""
     from .train import APTConsistencyDistill, APTTrain
 
     if stage == "cd":
@@ -153,7 +160,7 @@ def node_run_config(stage: str, widgets: Mapping[str, Any], data_path: str, run_
         cd, apt, where = widget_defaults(APTConsistencyDistill), dict(widgets), APT_NODE
     disc = disc or {"mode": "lora", "head_layers": [], "lora_rank": 16}
     data = widget_config(stage, cd, apt, disc, data_path, run_dir, model)
-    node_settings(data, str(widgets["precision"]))
+    node_settings(data, str(widgets["precision"]), device)
     data["cd"] |= dict(cd_extra or {})
     data["monitor"] |= dict(monitor_extra or {})
     return checked(data, where)

@@ -1,9 +1,12 @@
 """Training nodes: consistency distillation (stage 1), the APT discriminator, adversarial post-training.
 
-Every node leaves its input MODEL untouched (also when stopped): trainable weights live in
-independent copies (`comfy_backbone.trainable_wan`) and results come back as patched clones.
-Memory-lean defaults: LoRA generator, frozen/LoRA discriminator backbone, per-block activation
-checkpointing, bf16 autocast. Runs save their state under output/apt/runs/<run_name>/ (or an absolute run_name) and resume.
+The nodes train with the headless trainer's runner (training.loop.train, through nodes.node_run):
+their widgets become a run config (nodes.run_config), the graph's MODELs the runner's base weights.
+Every node leaves its input MODEL untouched (also when stopped): the runner trains its own copies and
+results come back as patched clones of the input. Memory-lean defaults: LoRA generator, frozen/LoRA
+discriminator backbone, per-block activation checkpointing, bf16. A run's folder (output/apt/runs/
+<run_name>/, or an absolute run_name) is the headless trainer's run dir: checkpoints/, config.toml,
+metrics.jsonl, samples/, export/; it resumes in the node or with python -m training --resume <folder>.
 """
 
 from __future__ import annotations
@@ -17,9 +20,6 @@ from .dataset import DATASET_TYPE
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import torch
-    import torch.nn as nn
-
 CATEGORY = "APT/training"
 DISC_TYPE = "APT_DISCRIMINATOR"
 RUN_DIR = "apt/runs"
@@ -30,7 +30,7 @@ _SEED = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_gener
          "tooltip": "Seed of the data order and the training noise; fixed for the run (resume needs the same seed)."}
 _PRECISION = (["bf16", "fp32"], {"default": "bf16", "tooltip": "bf16: bf16 frozen weights + bf16 autocast, fp32 trainable tensors (GPU). fp32: everything fp32 (CPU always uses fp32)."})
 _CHECKPOINTING = ("BOOLEAN", {"default": True, "tooltip": "Recompute each transformer block in the backward pass: much less activation memory, ~30% slower."})
-_RESUME = ("BOOLEAN", {"default": True, "tooltip": "Continue from the state saved in the run_name folder if there is one."})
+_RESUME = ("BOOLEAN", {"default": True, "tooltip": "Continue the run in the run_name folder from its newest checkpoint if there is one (a finished run outputs its model). Off: a folder holding checkpoints is an error, never overwritten."})
 
 
 def parse_layers(text: str, num_layers: int) -> list[int] | None:
@@ -68,77 +68,12 @@ class DiscriminatorSpec:
             raise ValueError(f"the discriminator was built from a different model than the generator: {found}. "
                              "Build APT Discriminator from the base Wan model the generator was distilled from.")
 
-    def build(self, device: torch.device, dtype: torch.dtype, timestep_shift: float, checkpointing: bool) -> nn.Module:
-        """The APTDiscriminator over an independent copy of the MODEL's weights (heads and LoRA in fp32);
-        mode "sfv": the SF-V discriminator over its first half, frozen in `dtype` (heads in fp32)."""
-        import torch
-
-        from apt_core.discriminator import APTDiscriminator
-
-        from .comfy_backbone import trainable_wan
-
-        if self.mode == "sfv":
-            from apt_core.sfv import SFVDiscriminator
-
-            backbone = trainable_wan(self.model, device, dtype)
-            backbone.gradient_checkpointing = checkpointing
-            d = SFVDiscriminator(backbone, head_layers=self.head_layers, copy_backbone=False)
-            for m in (d.spatial, d.temporal):
-                m.to(device=device, dtype=torch.float32)
-            return d
-
-        backbone = trainable_wan(self.model, device, torch.float32 if self.mode == "full" else dtype)
-        backbone.gradient_checkpointing = checkpointing
-        d = APTDiscriminator(backbone, self.head_layers, self.mode, timestep_shift, self.lora_rank, copy_backbone=False)
-        for m in (d.heads, d.norm_out, d.proj_out):
-            m.to(device=device, dtype=torch.float32)
-        if self.mode == "lora":  # adapters train in fp32 over bf16 frozen weights
-            for m in d.backbone.modules():
-                if hasattr(m, "lora_down"):
-                    m.lora_down.float()
-                    m.lora_up.float()
-        return d
-
-
-def trainable_generator(model: Any, lora_rank: int, device: torch.device, dtype: torch.dtype, checkpointing: bool) -> nn.Module:
-    """An independent copy of the MODEL's network: LoRA adapters (fp32) on frozen weights, or all fp32."""
-    import torch
-
-    from .comfy_backbone import trainable_wan
-    from .train_loop import make_trainable
-
-    g = trainable_wan(model, device, dtype if lora_rank else torch.float32)
-    g.gradient_checkpointing = checkpointing
-    return make_trainable(g, lora_rank)
-
 
 def result_model(model: Any, kind: str, weights: dict, info: dict) -> Any:
     """The trained weights as a patched clone of `model` (LoRA patches, or 'set' patches for full weights)."""
     from .comfy_backbone import with_lora, with_weights
 
     return with_lora(model, weights, info) if kind == "lora" else with_weights(model, weights, info)
-
-
-def validation_inputs(
-    dataset: Any, conditioning: list | None, latent: dict | None, model: Any, device: torch.device
-) -> tuple[Any, tuple]:
-    """(condition, latent shape [N, C, F, H, W]) of the validation samples: the given prompt(s) and size,
-    else the first (up to) two dataset samples' text embeddings and the first sample's latent shape."""
-    import torch
-
-    from .comfy_backbone import check_latent
-    from .train_loop import to_cond
-
-    shape = tuple(check_latent(model, latent["samples"]).shape) if latent is not None else (1, *dataset[0].latent.shape)
-    if conditioning is not None:
-        n = max(shape[0], conditioning[0][0].shape[0])
-        ctx = conditioning_context(conditioning, batch=n)
-    else:
-        embs = [dataset[i].text_emb for i in range(min(2, len(dataset)))]
-        length = max(e.shape[0] for e in embs)
-        ctx = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for e in embs])
-        n = ctx.shape[0]
-    return to_cond(ctx.float(), device), (n, *shape[1:])
 
 
 def run_dir(run_name: str, runs_root: str | None = None) -> Path:
@@ -187,28 +122,34 @@ class APTConsistencyDistill:
         import torch
 
         from .comfy_backbone import ComfyFlowModel
-        from .comfy_env import compute_setup, free_vram, step_reporter, training_mode
+        from .comfy_env import compute_setup, free_vram
+        from .node_run import check_start, export_weights, history, model_source, report, run, write_tensors
         from .plot import render_metrics
-        from .train_loop import CDRun, CDSettings, export_weights, make_loader, run_loop
+        from .run_config import node_run_config
 
         check_model(teacher)
-        neg = conditioning_context(negative) if negative is not None else None
-        device, dtype, amp = compute_setup(precision)
-        s = CDSettings(iterations, lr, 0.01, batch_size, grad_accum, cd_steps, grid_shift, cfg, lora_rank, seed, amp, gradient_checkpointing)
-        torch.manual_seed(seed)
-        with training_mode():
-            free_vram()
-            student = trainable_generator(teacher, lora_rank, device, dtype, gradient_checkpointing)
-            run = CDRun(student, ComfyFlowModel(teacher).load(), make_loader(dataset.path, batch_size, seed), s, device,
-                        run_dir(run_name), None if neg is None else neg.to(device))
-            if resume:
-                run.resume()
-            run_loop(run, iterations, step_reporter(iterations))
-            kind, weights = export_weights(student)
-        out = result_model(teacher, kind, weights, {"stage": "cd", "cd_steps": run.step_count})
-        last = {k: v[-1][1] for k, v in run.history.items()}
-        report = f"CD: {run.step_count} steps, state in {run.state_dir}; last {last}"
-        return (out, render_metrics(run.history, "consistency distillation", [["loss"], ["grad_norm"]]), report)
+        folder = run_dir(run_name)
+        check_start(folder, resume)
+        if cfg != 1.0 and negative is None:
+            raise ValueError(f"cfg={cfg} needs a negative CONDITIONING (connect one, or set cfg to 1)")
+        widgets = dict(iterations=iterations, lr=lr, batch_size=batch_size, grad_accum=grad_accum, cd_steps=cd_steps,
+                       grid_shift=grid_shift, cfg=cfg, lora_rank=lora_rank, seed=seed, precision=precision,
+                       gradient_checkpointing=gradient_checkpointing)
+        device = compute_setup(precision)[0]
+        extra = {}
+        if negative is not None:  # a run file: a headless resume (with cd.teacher_from) uses the same one
+            extra["negative_embedding"] = write_tensors(folder / "negative.safetensors", {"context": conditioning_context(negative)[0]})
+        config = node_run_config("cd", widgets, dataset.path, str(folder), model={"source": "caller"}, cd_extra=extra,
+                                 device=device.type)
+        free_vram()
+        models = model_source(teacher, teacher=ComfyFlowModel(teacher).load(), dtype=torch.float32)
+        _, complete = run(config, models, "APT Consistency Distill")
+        kind, weights, info = export_weights(folder, "cd", lora_rank)
+        step = int(info.get("step", iterations))
+        out = result_model(teacher, kind, weights, {"stage": "cd", "cd_steps": step})
+        curves = history(folder)
+        text = report("CD", step, folder, curves, " (already complete: its export)" if complete else "")
+        return (out, render_metrics(curves, "consistency distillation", [["loss"], ["grad_norm"]]), text)
 
 
 class APTDiscriminatorNode:
@@ -277,33 +218,52 @@ class APTTrain:
               lora_rank, val_every, val_seed, seed, precision, gradient_checkpointing, run_name, resume, val_conditioning=None, val_latent=None):
         import torch
 
-        from .comfy_backbone import to_latent_space
-        from .comfy_env import compute_setup, free_vram, step_reporter, training_mode
+        from .comfy_backbone import check_latent, to_latent_space
+        from .comfy_env import compute_setup, free_vram
+        from .node_run import (
+            check_start,
+            export_weights,
+            history,
+            model_source,
+            report,
+            run,
+            validation_latents,
+            write_tensors,
+        )
         from .plot import render_metrics
-        from .train_loop import APTRun, APTSettings, export_weights, make_loader, run_loop
+        from .run_config import node_run_config, val_seeds
 
         check_model(generator)
         discriminator.check_generator(generator)
-        device, dtype, amp = compute_setup(precision)
-        s = APTSettings(steps, lr, 0.0, batch_size, grad_accum, r1_sigma, r1_lambda, d_timestep_shift, ema_decay, lora_rank,
-                        val_every, val_seed, seed, amp, gradient_checkpointing)
-        torch.manual_seed(seed)
-        with training_mode():
-            free_vram()
-            g = trainable_generator(generator, lora_rank, device, dtype, gradient_checkpointing)
-            d = discriminator.build(device, dtype, d_timestep_shift, gradient_checkpointing)
-            loader = make_loader(dataset.path, batch_size, seed)
-            val_cond, val_shape = validation_inputs(loader.dataset, val_conditioning, val_latent, generator, device)
-            run = APTRun(g, d, loader, s, device, run_dir(run_name), val_cond, val_shape)
-            if resume:
-                run.resume()
-            run_loop(run, steps, step_reporter(steps), val_every)
-            kind, weights = export_weights(g, run.ema)
-        out = result_model(generator, kind, weights, {"stage": "apt", "apt_steps": run.step_count})
-        preview = {"samples": to_latent_space(generator, run.last_samples)}
-        plot = render_metrics(run.history, "APT", [["d_loss", "g_loss"], ["logits_real", "logits_fake"], ["ar1"], ["val_std", "val_diversity"]])
-        report = f"APT: {run.step_count} steps, state in {run.state_dir}; last " + ", ".join(f"{k}={v[-1][1]:.4g}" for k, v in run.history.items())
-        return (out, plot, preview, report)
+        folder = run_dir(run_name)
+        check_start(folder, resume)
+        widgets = dict(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, r1_sigma=r1_sigma, r1_lambda=r1_lambda,
+                       d_timestep_shift=d_timestep_shift, ema_decay=ema_decay, lora_rank=lora_rank, val_every=val_every,
+                       val_seed=val_seed, seed=seed, precision=precision, gradient_checkpointing=gradient_checkpointing)
+        disc = {"mode": discriminator.mode, "head_layers": discriminator.head_layers or [], "lora_rank": discriminator.lora_rank}
+        device = compute_setup(precision)[0]
+        monitor: dict = {}
+        if val_conditioning is not None:  # fixed prompts as a run file: a headless resume validates the same
+            monitor["val_prompts"] = write_tensors(folder / "val_prompts.safetensors", {"context": conditioning_context(val_conditioning)})
+        if val_latent is not None:  # its size and length; its batch = the number of seeds per prompt
+            x = check_latent(generator, val_latent["samples"])
+            monitor |= {"val_shape": list(x.shape[1:]), "val_seeds": val_seeds(val_seed, x.shape[0])}
+        config = node_run_config("apt", widgets, dataset.path, str(folder), disc, {"source": "caller"}, monitor_extra=monitor,
+                                 device=device.type)
+        free_vram()
+        models = model_source(generator, discriminator.model, dtype=torch.float32)
+        result, complete = run(config, models, "APT Train")
+        kind, weights, info = export_weights(folder, "apt", lora_rank)
+        step = int(info.get("step", steps))
+        out = result_model(generator, kind, weights, {"stage": "apt", "apt_steps": step})
+        latents = validation_latents(folder, result, up_to=step)
+        if latents is None:  # (a finished run whose samples/ was removed)
+            latents = torch.zeros(1, generator.get_model_object("latent_format").latent_channels, 1, 8, 8)
+        preview = {"samples": to_latent_space(generator, latents)}
+        curves = history(folder)
+        plot = render_metrics(curves, "APT", [["d_loss", "g_loss"], ["logits_real", "logits_fake"], ["ar1"], ["val_std", "val_diversity"]])
+        text = report("APT", step, folder, curves, " (already complete: its export)" if complete else "")
+        return (out, plot, preview, text)
 
 
 NODE_CLASS_MAPPINGS = {"APTConsistencyDistill": APTConsistencyDistill, "APTDiscriminator": APTDiscriminatorNode, "APTTrain": APTTrain}

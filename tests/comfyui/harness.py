@@ -3,8 +3,9 @@
 Everything ComfyUI-side runs in ComfyUI's own venv ($COMFYUI_VENV) via shared/comfyui/tools/serve.sh;
 this side only speaks HTTP (standard library). `tiny()` turns a shipped API twin into a graph the
 tiny random Wan (make_tiny_wan.py) can run on CPU: small sizes and step counts, tiny model files,
-and STAND-INS for the umT5 text encoder, which cannot be had here: CLIPTextEncode -> testnodes'
-TestZeroConditioning, CLIPLoader -> apt_testnodes' APTTestStandInCLIP.
+and STAND-INS for the umT5 text encoder and the CLIP vision encoder, which cannot be had here: CLIPTextEncode ->
+testnodes' TestZeroConditioning, CLIPLoader -> apt_testnodes' APTTestStandInCLIP, CLIPVisionEncode ->
+APTTestStandInClipVisionOutput.
 """
 
 from __future__ import annotations
@@ -220,7 +221,9 @@ def tiny(prompt: dict, run_id: str, unet: str = TINY_WAN, overrides: dict[str, d
             node.update(class_type="APTTestStandInCLIP", inputs={})
         elif ct == "CLIPTextEncode":  # stand-in for encoding a prompt with umT5
             node.update(class_type="TestZeroConditioning", inputs={"batch": 1, "length": 16, "dim": 4096})
-        elif ct == "EmptyHunyuanLatentVideo":
+        elif ct == "CLIPVisionEncode":  # stand-in for CLIP ViT-H/14 (see apt_testnodes); CLIPVisionLoader is then unused
+            node.update(class_type="APTTestStandInClipVisionOutput", inputs={"seed": 0})
+        elif ct in ("EmptyHunyuanLatentVideo", "WanImageToVideo"):
             inp.update(width=64, height=64, length=min(inp["length"], 9))
         elif ct == "APTDatasetFromFolder":
             inp.update(output_dir=f"apt/datasets/{run_id}", width=64, height=64, num_frames=5, fps=8.0)

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nodes.node_run import STOP_REASON
 from tests.comfyui.harness import (
     A14B_HIGH,
     A14B_LOW,
@@ -38,6 +39,7 @@ from tests.comfyui.harness import (
 )
 from tests.nodes.comfy_schema import our_object_info
 from tests.nodes.make_workflows import workflows
+from training.checkpoint import checkpoint_step, find_latest
 
 COMFYUI_DIR, COMFYUI_VENV = os.environ.get("COMFYUI_DIR"), os.environ.get("COMFYUI_VENV")
 pytestmark = [
@@ -49,6 +51,16 @@ pytestmark = [
 
 def log_text(comfy: Comfy) -> str:
     return comfy.log.read_text(errors="replace")
+
+
+def lines(run: Path) -> list[dict]:
+    """The rows and events of a run dir's metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def metric_rows(run: Path) -> list[dict]:
+    return [r for r in lines(run) if "event" not in r]
 
 
 def test_extension_loads_and_serves_every_node(comfy):
@@ -139,8 +151,11 @@ def test_train_end_to_end_saves_previews_and_state(comfy, trained):
     assert out["12"]["images"] and out["13"]["images"]  # APT metrics plot, CD loss plot
     video = out["16"]["images"][0]
     assert (comfy.output / video["subfolder"] / video["filename"]).stat().st_size > 0
-    state = json.loads((comfy.output / "apt" / "runs" / f"{RUN}-apt" / "state.json").read_text())
-    assert state["step"] == 2 and [s for s, _ in state["history"]["val_std"]] == [1, 2]
+    run = comfy.output / "apt" / "runs" / f"{RUN}-apt"  # the runner's run dir (issue 17): checkpoints, metrics, samples, export
+    assert (run / "checkpoints" / "step-2" / "COMPLETE").is_file() and (run / "export" / "apt_generator_lora.safetensors").is_file()
+    assert [e["step"] for e in lines(run) if e.get("event") == "validation"] == [1, 2]
+    assert (run / "samples" / "step-2" / "samples.safetensors").is_file()
+    assert 'source = "caller"' in (run / "config.toml").read_text()
 
 
 @pytest.mark.parametrize("name", ["apt_t2v_one_step", "apt_t2i_one_step", "apt_t2v_two_step_refine"])
@@ -192,10 +207,10 @@ def test_stop_ends_training_within_a_step_and_leaves_the_model_untouched(comfy, 
     }
     for k in ("val_conditioning", "val_latent"):
         graph["t"]["inputs"].pop(k)
-    mark = len(log_text(comfy))
+    run = comfy.output / "apt" / "runs" / f"{RUN}-stop"
     pid = comfy.submit(graph)
     t0 = time.time()
-    while "APT apt: training steps" not in log_text(comfy)[mark:]:
+    while not metric_rows(run):  # the runner writes a row after every step of a node run
         assert time.time() - t0 < 120, "training did not start"
         time.sleep(0.2)
     time.sleep(3.0)
@@ -204,15 +219,18 @@ def test_stop_ends_training_within_a_step_and_leaves_the_model_untouched(comfy, 
     entry = comfy.wait(pid, 120)
     elapsed = time.time() - t_stop
     assert entry["status"]["status_str"] == "error" and error_of(entry).startswith("interrupted"), error_of(entry)
-    state = json.loads((comfy.output / "apt" / "runs" / f"{RUN}-stop" / "state.json").read_text())
-    per_step = 3.0 / max(1, state["step"])
-    assert state["step"] >= 1 and elapsed < 2 * per_step + 5.0, (elapsed, state["step"])
+    stopped = [e for e in lines(run) if e.get("event") == "stopped"]
+    step = checkpoint_step(find_latest(run))  # Stop saved a checkpoint of the step it ended
+    assert stopped and stopped[-1]["reason"] == STOP_REASON and stopped[-1]["step"] == step
+    per_step = 3.0 / max(1, step)
+    assert step >= 1 and elapsed < 2 * per_step + 5.0, (elapsed, step)
     after = one_step_latent(comfy, base, "untouched-after")
     assert torch.equal(before, after), "the input MODEL changed"
     # queue again with resume on: it continues from the saved step
-    graph["t"]["inputs"].update(steps=state["step"] + 2, resume=True)
+    graph["t"]["inputs"].update(steps=step + 2, resume=True)
     report = "\n".join(texts(comfy.run(graph)))
-    assert f"APT: {state['step'] + 2} steps" in report
+    assert f"APT: {step + 2} steps" in report
+    assert [r["step"] for r in metric_rows(run)][-3:] == [step, step + 1, step + 2]
 
 
 @pytest.mark.parametrize("case, expect", [
@@ -277,6 +295,107 @@ def test_one_step_sampling_per_family(comfy, unet, channels):
     assert x.shape[:2] == (1, channels) and torch.isfinite(x).all() and x.abs().sum() > 0
 
 
+# ----------------------------------------------------------------------------------------------
+# One runner (issue 17): a run folder of the APT Train node is the headless trainer's run dir
+# ----------------------------------------------------------------------------------------------
+
+NODE_WIDGETS = {"lr": 1e-3, "batch_size": 1, "grad_accum": 1, "r1_sigma": 0.01, "r1_lambda": 100.0, "d_timestep_shift": 1.0,
+                "ema_decay": 0.9, "lora_rank": 4, "val_every": 1, "val_seed": 0, "seed": 7, "precision": "fp32",
+                "gradient_checkpointing": False}
+NODE_DISC = {"mode": "lora", "head_layers": "auto", "lora_rank": 2}
+
+
+def train_graph(run_name: str, steps: int, resume: bool, save: str | None = None) -> dict:
+    """APT Train on the tiny base model (its own discriminator), report previewed; optionally the output saved full."""
+    g = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_WAN, "weight_dtype": "default"}},
+         "d": {"class_type": "APTLoadDataset", "inputs": {"path": f"apt/datasets/{RUN}"}},
+         "D": {"class_type": "APTDiscriminator", "inputs": {"model": ["m", 0], **NODE_DISC}},
+         "t": {"class_type": "APTTrain", "inputs": {**NODE_WIDGETS, "generator": ["m", 0], "discriminator": ["D", 0], "dataset": ["d", 0],
+                                                    "steps": steps, "run_name": run_name, "resume": resume}},
+         "p": {"class_type": "PreviewAny", "inputs": {"source": ["t", 3]}}}
+    if save:
+        g["s"] = {"class_type": "APTSaveGenerator", "inputs": {"model": ["t", 0], "format": "full", "filename": save, "dtype": "fp32",
+                                                               "overwrite": True}}
+    return g
+
+
+def headless(*args: str) -> None:
+    """python -m training ARGS in this checkout's venv (a fresh process, as on a cluster)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def losses(run: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["d_loss"], r["g_loss"]) for r in metric_rows(run)}
+
+
+def tiny_file() -> Path:
+    return Path(COMFYUI_DIR) / "models" / "diffusion_models" / TINY_WAN
+
+
+def test_node_run_continues_headless_and_matches_a_headless_run(comfy, dataset, tmp_path):
+    """Issue 17 (a) and (c): a run the APT Train node started resumes with `python -m training --resume <run dir>`
+    from the node's step; the same settings and seed give the same losses headless (weights from the model file)."""
+    from training.config import load_config, save_config
+
+    run = comfy.output / "apt" / "runs" / f"{RUN}-a"
+    comfy.run(train_graph(f"{RUN}-a", 2, False))
+    node = losses(run)
+    assert sorted(node) == [1, 2]
+    # (c) the node's config, run headless from step 0 on the file the node's MODEL was loaded from
+    fresh = tmp_path / "headless"
+    cfg = load_config(run / "config.toml", [f"--run.dir={fresh}", "--model.source=files", f"--model.init_from={tiny_file()}",
+                                            "--model.arch.dim=0", "--apt.image.steps=4"])
+    headless("--config", str(save_config(cfg, tmp_path / "headless.toml")))
+    other = losses(fresh)
+    for step in (1, 2):
+        torch.testing.assert_close(torch.tensor(node[step]), torch.tensor(other[step]), rtol=1e-4, atol=1e-6)
+    # (a) continue the node's run headless: from its checkpoint, without the ComfyUI MODEL
+    headless("--resume", str(run), "--apt.image.steps=4")
+    resumed = [e for e in lines(run) if e.get("event") == "resume"]
+    assert resumed and resumed[-1]["checkpoint"] == str(run / "checkpoints" / "step-2")
+    assert [r["step"] for r in metric_rows(run)] == [1, 2, 3, 4]
+    for step in (3, 4):  # the continued run is the uninterrupted one
+        torch.testing.assert_close(torch.tensor(losses(run)[step]), torch.tensor(other[step]), rtol=1e-4, atol=1e-6)
+    # queued again with resume on and 4 steps, the node finds the run complete and outputs its export
+    entry = comfy.run(train_graph(f"{RUN}-a", 4, True, save=f"apt_test/{RUN}/complete"))
+    assert "APT: 4 steps" in "\n".join(texts(entry)) and "already complete" in "\n".join(texts(entry))
+    saved = load_file(str(comfy.dir / "models" / "diffusion_models" / "apt_test" / RUN / "complete.safetensors"))
+    export = load_file(str(run / "export" / "apt_generator.safetensors"))
+    assert saved.keys() == export.keys()
+    for k in export:
+        torch.testing.assert_close(saved[k].float(), export[k].float(), rtol=1e-5, atol=1e-5)
+    # resume off on that folder: a clear error naming it, nothing deleted
+    entry = comfy.wait(comfy.submit(train_graph(f"{RUN}-a", 5, False)), 300)
+    assert entry["status"]["status_str"] == "error" and f"run folder {run} already holds checkpoints" in error_of(entry)
+    assert (run / "checkpoints" / "step-4" / "COMPLETE").is_file()
+
+
+def test_headless_run_continues_in_the_node(comfy, dataset, tmp_path):
+    """Issue 17 (b): a headless run on the tiny model file resumes in the APT Train node (absolute run_name)."""
+    from nodes.run_config import node_run_config
+    from training.config import save_config
+
+    run = tmp_path / "cluster_run"
+    widgets = {**NODE_WIDGETS, "steps": 2}
+    disc = {**NODE_DISC, "head_layers": []}
+    cfg = node_run_config("apt", widgets, str(comfy.output / "apt" / "datasets" / RUN), str(run), disc,
+                          {"init_from": str(tiny_file())}, device="cpu")
+    headless("--config", str(save_config(cfg, tmp_path / "cluster.toml")))
+    assert [r["step"] for r in metric_rows(run)] == [1, 2]
+    entry = comfy.run(train_graph(str(run), 4, True))
+    assert "APT: 4 steps" in "\n".join(texts(entry))
+    resumed = [e for e in lines(run) if e.get("event") == "resume"]
+    assert resumed and resumed[-1]["checkpoint"] == str(run / "checkpoints" / "step-2")
+    assert [r["step"] for r in metric_rows(run)] == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "step-4" / "COMPLETE").is_file()
+
+
 def test_one_step_sampling_wan22_a14b_experts(comfy):
     # each A14B expert is its own WAN21 t2v file: the high-noise one (G's and by default D's init) samples in one
     # step, and the low-noise one loads as a MODEL too; the two stand-ins have other random weights
@@ -307,7 +426,7 @@ def test_training_nodes_run_on_the_a14b_high_noise_expert_and_the_ti2v(comfy, da
         "t": {"class_type": "APTTrain", "inputs": {**api_twin("apt_train_single_gpu")["9"]["inputs"], "generator": ["h", 0],
                                                    "discriminator": ["D", 0], "dataset": ["d", 0], "steps": 2, "lr": 1e-3, "ema_decay": 0.0,
                                                    "val_every": 0, "lora_rank": 4, "precision": "fp32", "run_name": f"{RUN}-{name}",
-                                                   "resume": False}},
+                                                   "resume": True}},  # (queued again below: the finished run's export)
         "p": {"class_type": "PreviewAny", "inputs": {"source": ["t", 3]}},
     }
     for k in ("val_conditioning", "val_latent"):
@@ -334,14 +453,15 @@ def write_start_images(folder: Path) -> tuple[str, str]:
     return names
 
 
-def i2v_one_step_latent(comfy: Comfy, image: str | None, tag: str, clip_seed: int = 0, check: bool = False) -> tuple[torch.Tensor, dict]:
+def i2v_one_step_latent(comfy: Comfy, image: str | None, tag: str, clip_seed: int = 0, check: bool = False,
+                        unet: str = I2V) -> tuple[torch.Tensor, dict]:
     """Tiny Wan 2.1 I2V stand-in -> WanImageToVideo (start image or none, tiny VAE, stand-in CLIP vision tokens) ->
     APT One-Step Sampler (check: through APTTestI2VCheck, which also computes it with apt_core); the saved latent
     and the check's report."""
     cond = {"class_type": "TestZeroConditioning", "inputs": {"batch": 1, "length": 16, "dim": 4096}}
     i2v = {"positive": ["c", 0], "negative": ["c", 0], "vae": ["v", 0], "width": 64, "height": 64, "length": 5, "batch_size": 1,
            "clip_vision_output": ["cv", 0]}
-    g = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": I2V, "weight_dtype": "default"}},
+    g = {"m": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
          "v": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_VAE}},
          "c": cond,
          "cv": {"class_type": "APTTestStandInClipVisionOutput", "inputs": {"seed": clip_seed}},
@@ -378,3 +498,33 @@ def test_one_step_image_to_video_wan21_i2v(comfy):
     assert (a - b).abs().max() > 1e-4, "the start image did not change the output"
     assert (a - no_image).abs().max() > 1e-2, "the first-frame condition did not change the output"
     assert (a - a_other_clip).abs().max() > 1e-2, "the CLIP image tokens did not change the output"
+
+
+def test_headless_i2v_generator_file_loads_with_unetloader_and_samples(comfy):
+    # what COMFYUI.md tells I2V users: the headless trainer's export (apt_core save_wan, Wan keys + config metadata)
+    # goes into models/diffusion_models; UNETLoader detects it as WAN21 i2v and the sampler runs it like ComfyUI's own
+    from apt_core.backbone import build_flow_model
+    from apt_core.models.io import save_wan
+
+    torch.manual_seed(4)
+    gen = build_flow_model("tiny-comfy-i2v")
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.normal_(std=0.02)
+    name = f"apt_test/{RUN}/apt_generator_i2v.safetensors"
+    save_wan(gen, comfy.dir / "models" / "diffusion_models" / name)
+    a_name, _ = write_start_images(comfy.input)
+    x, report = i2v_one_step_latent(comfy, a_name, "i2v-export", check=True, unet=name)
+    assert x.shape == (1, 16, 2, 8, 8) and torch.isfinite(x).all()
+    assert report["model_type"] == "i2v" and report["max_abs_diff"] <= 1e-4 * max(1.0, report["scale"]), report
+    want = sum(float(v.double().abs().sum()) for v in gen.state_dict().values())
+    assert abs(report["weights_abs_sum"] - want) <= 1e-6 * want, (report["weights_abs_sum"], want)  # the file's weights, all of them
+
+
+def test_i2v_workflow_runs_on_the_stand_ins(comfy):
+    # the shipped apt_i2v_one_step (API twin) with the tiny I2V stand-in, tiny VAE, a real start image and the
+    # text / CLIP vision stand-ins: it writes a video
+    a_name, _ = write_start_images(comfy.input)
+    entry = comfy.run(tiny(api_twin("apt_i2v_one_step"), RUN, unet=I2V, overrides={"5": {"image": a_name}}))
+    files = [f for o in entry["outputs"].values() for f in o.get("images", [])]
+    assert files and all((comfy.output / f["subfolder"] / f["filename"]).stat().st_size > 0 for f in files)

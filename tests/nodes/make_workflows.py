@@ -37,11 +37,14 @@ VAE = "wan_2.1_vae.safetensors"
 BASE = "wan2.1_t2v_1.3B_fp16.safetensors"
 APT_FULL = "apt/wan2.1_t2v_apt_1step"  # what the training workflow's full save writes (models/diffusion_models)
 APT_FROM_LORA = "apt/wan2.1_t2v_apt_from_lora_1step"  # apt_train_from_lora's full save
+APT_I2V = "apt/wan2.1_i2v_480p_apt_1step.safetensors"  # an I2V generator exported by the headless trainer (models/diffusion_models)
+CLIP_VISION = "clip_vision_h.safetensors"
 FEW_STEP_LORA = "apt/wan2.1_t2v_1.3B_few_step_lora.safetensors"  # the user's distilled LoRA (models/loras), a placeholder name
 MODELS = {
     UMT5: {"name": UMT5, "url": f"{HF}/text_encoders/{UMT5}", "directory": "text_encoders"},
     VAE: {"name": VAE, "url": f"{HF}/vae/{VAE}", "directory": "vae"},
     BASE: {"name": BASE, "url": f"{HF}/diffusion_models/{BASE}", "directory": "diffusion_models"},
+    CLIP_VISION: {"name": CLIP_VISION, "url": f"{HF}/clip_vision/{CLIP_VISION}", "directory": "clip_vision"},
 }
 PROMPT = "A red fox trots through fresh snow in a sunlit pine forest, its breath steaming, cinematic, shallow depth of field."
 NOTE_GENERATOR = ("**APT one-step generator.** `apt/wan2.1_t2v_apt_1step.safetensors` (models/diffusion_models) is written by "
@@ -119,6 +122,26 @@ def workflows() -> dict[str, W]:
         N(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (3, 0)}),
         N(8, "SaveImage", {"filename_prefix": "apt_t2i_1step"}, {"images": (7, 0)}),
         N(9, "MarkdownNote", {"text": NOTE_GENERATOR}),
+    ]
+    i2v = [
+        *loader_nodes(1, APT_I2V),
+        N(4, "CLIPVisionLoader", {"clip_name": CLIP_VISION}, models=(CLIP_VISION,)),
+        N(5, "LoadImage", {"image": "example.png"}, title="Start image (first frame)"),
+        N(6, "CLIPVisionEncode", {"crop": "none"}, {"clip_vision": (4, 0), "image": (5, 0)}),
+        N(7, "CLIPTextEncode", {"text": "The fox turns its head and trots away through the snow, cinematic."}, {"clip": (2, 0)},
+          title="Prompt"),
+        N(8, "WanImageToVideo", {**video}, {"positive": (7, 0), "negative": (7, 0), "vae": (3, 0), "clip_vision_output": (6, 0),
+                                           "start_image": (5, 0)}, title="WanImageToVideo"),
+        N(9, "APTOneStepSampler", {"seed": 42, "steps": 1, "t_mid": 0.5}, {"model": (1, 0), "positive": (8, 0), "latent": (8, 2)}),
+        N(10, "VAEDecode", {}, {"samples": (9, 0), "vae": (3, 0)}),
+        N(11, "CreateVideo", {"fps": 16.0}, {"images": (10, 0)}),
+        N(12, "SaveVideo", {"filename_prefix": "video/apt_i2v_1step", "format": "auto", "codec": "auto"}, {"video": (11, 0)}),
+        N(13, "MarkdownNote", {"text": "**APT one-step image-to-video (Wan 2.1 I2V 14B).** The generator file "
+                                         f"`{APT_I2V}` (models/diffusion_models) is the headless trainer's export "
+                                         "(`<run dir>/export/apt_generator.safetensors` of a `wan2.1-i2v-14b` run): the training nodes "
+                                         "do not take I2V models yet. WanImageToVideo puts the start image's VAE latent and its CLIP "
+                                         "vision tokens into the conditioning; the prompt goes to both of its inputs (one step uses no "
+                                         "negative prompt). One step, no CFG."}),
     ]
     refine = [
         *loader_nodes(1, f"{APT_FULL}.safetensors"),
@@ -234,6 +257,8 @@ def workflows() -> dict[str, W]:
     return {
         "apt_t2v_one_step": W(t2v, generation([6], [7, 8, 9], 10)),
         "apt_t2i_one_step": W(t2i, generation([6], [7, 8], 9)),
+        "apt_i2v_one_step": W(i2v, [G("Models", [[1, 2, 3, 4]], 13, BLUE), G("Start image and prompt", [[5], [6, 7]], None, GREEN),
+                                    G("Sample", [[8, 9]], None, PURPLE), G("Decode and save", [[10, 11, 12]], None, YELLOW)]),
         "apt_t2v_two_step_refine": W(refine, [G("Models", [[1, 2, 3]], None, BLUE), G("Prompt and size", [[4, 5]], None, GREEN),
                                               G("Two-step sampling", [[6, 7, 8], [9, 10]], 14, PURPLE),
                                               G("Decode and save", [[11, 12, 13]], None, YELLOW)]),
@@ -279,7 +304,7 @@ def workflow_id(name: str) -> str:
 PAD, HEADER, GAP, GROUP_GAP, NOTE_GAP = 20, 50, 30, 80, 40
 MIN_WIDTH = 320  # wide enough to read a model file name in a combo
 MIN_SIZE = {"CLIPTextEncode": (400, 200), "PreviewImage": (360, 300), "PreviewAny": (360, 160), "SaveImage": (360, 320),
-            "SaveVideo": (360, 460)}  # room for the text / the image or video shown after a run (a square video: 460)
+            "SaveVideo": (360, 460), "LoadImage": (320, 400)}  # room for the text / the image or video shown after a run (a square video: 460)
 
 
 def note_height(text: str, width: float) -> float:

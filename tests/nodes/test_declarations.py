@@ -10,7 +10,7 @@ import pytest
 from tests.nodes.comfy_schema import ROOT, core_object_info, our_object_info
 
 MODULES = ["nodes", "nodes.comfy_backbone", "nodes.comfy_env", "nodes.sampling", "nodes.dataset", "nodes.train",
-           "nodes.train_loop", "nodes.io", "nodes.plot"]
+           "nodes.node_run", "nodes.run_config", "nodes.io", "nodes.plot"]
 COMFY_MODULES = ("comfy", "folder_paths", "comfy_api", "server", "latent_preview", "comfy_extras", "execution")
 NATIVE = {"MODEL", "CONDITIONING", "LATENT", "VAE", "CLIP", "IMAGE", "SAMPLER", "SIGMAS", "INT", "FLOAT", "STRING", "BOOLEAN"}
 CUSTOM = {"APT_DATASET", "APT_DISCRIMINATOR"}

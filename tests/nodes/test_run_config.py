@@ -6,7 +6,7 @@ from nodes.run_config import node_run_config, widget_defaults
 from nodes.train import APTConsistencyDistill, APTTrain
 from training.config import ConfigError, load_config, save_config
 
-MODEL = {"init_from": "/m/wan.safetensors"}
+MODEL = {"source": "caller"}  # the base weights come from the graph's MODELs
 
 
 def apt_widgets(**changes):

@@ -136,6 +136,7 @@ class APTTestI2VCheck:
         mine = out["samples"].float()
         report = {"max_abs_diff": float((mine - ref).abs().max()), "scale": float(ref.abs().max()),
                   "velocity_scale": float(v.abs().max()), "model_type": flow.config.model_type,
+                  "weights_abs_sum": sum(float(w.double().abs().sum()) for w in sd.values()),
                   "mask_first_frame_only": bool(y[:, :4, 0].eq(1).all() and y[:, :4, 1:].eq(0).all())}
         text = json.dumps(report)
         return {"ui": {"text": [text]}, "result": (out, text)}

@@ -1,0 +1,170 @@
+"""The training nodes' side of the one runner (training.loop.train): what goes in, what comes out.
+
+APT Consistency Distill and APT Train build a RunConfig from their widgets (nodes.run_config) and call
+`run`: the graph's models go in as a training.models.MemorySource (base weights = each MODEL's
+effective weights, the CD teacher = ComfyUI's own diffusion model), ComfyUI's ProgressBar follows the
+steps and Stop asks the runner to save a checkpoint and return. The node outputs come from the run
+folder the runner leaves, the headless trainer's (config.toml, checkpoints/, metrics.jsonl, samples/,
+export/): either front end resumes it. Everything but `run` and `model_source` works without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STOP_REASON = "Stop pressed in ComfyUI"
+OLD_STATE = "state.json"  # the run state of ComfyUI-APT's earlier node-only loop
+
+
+def check_start(run_dir: Path, resume: bool) -> None:
+    """Before a run: refuse to start over silently (resume off on a folder with checkpoints) and a folder
+    of the earlier node-only format. Nothing in the folder is deleted."""
+    from training.checkpoint import find_latest
+
+    latest = find_latest(run_dir)
+    if latest is None and (run_dir / OLD_STATE).is_file():
+        raise ValueError(f"run folder {run_dir} holds a run state of an earlier ComfyUI-APT version ({OLD_STATE}), which "
+                         "this version cannot resume; choose another run_name (the folder is left as it is)")
+    if latest is not None and not resume:
+        raise ValueError(f"run folder {run_dir} already holds checkpoints (newest: {latest.name}) and resume is off: set "
+                         "resume=true to continue that run (or to output it, if it is complete), or choose another run_name "
+                         "for a new run; to start over under this name, delete the folder yourself")
+
+
+def export_weights(run_dir: Path, stage: str, lora_rank: int) -> tuple[str, dict[str, torch.Tensor], dict]:
+    """("lora" | "full", tensors, the export's metadata) of the run's final export in <run_dir>/export:
+    the LoRA in ComfyUI keys when the run trained one, else the full weights in Wan keys."""
+    from safetensors.torch import load_file
+
+    from training.export import export_files, read_export_info
+    from training.loop import STAGES
+
+    path = export_files(run_dir / "export", STAGES[stage].export_name, lora_rank)[-1]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the run's final export (the node's output). Export it again with "
+                                f"python -m training --config {run_dir / 'config.toml'} --export-only, or choose another run_name")
+    return ("lora" if lora_rank else "full"), load_file(str(path)), read_export_info(path)
+
+
+def validation_latents(run_dir: Path, result: dict | None = None, up_to: int | None = None) -> torch.Tensor | None:
+    """The last validation samples [prompts * seeds, C, F, H, W] (model space): the run's `result`, else
+    the newest samples/step-N/ of the folder (N <= up_to); None if the run has none."""
+    from safetensors.torch import load_file
+
+    path = ((result or {}).get("validation") or {}).get("val_latents")
+    if not path:
+        found = []
+        for f in Path(run_dir, "samples").glob("step-*/samples.safetensors"):
+            step = f.parent.name[len("step-"):]
+            if step.isdigit() and (up_to is None or int(step) <= up_to):
+                found.append((int(step), f))
+        if not found:
+            return None
+        path = max(found)[1]
+    x = load_file(str(path))["samples"]
+    return x.flatten(0, 1) if x.ndim == 6 else x
+
+
+def history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's curves from its metrics.jsonl (nodes.plot.metrics_history)."""
+    from .plot import metrics_history, read_metrics
+
+    return metrics_history(read_metrics(Path(run_dir) / "metrics.jsonl"))
+
+
+def report(title: str, step: int, run_dir: Path, curves: dict[str, list[tuple[int, float]]], note: str = "") -> str:
+    """The node's report: steps, run folder, how to continue headless, the last value of each curve."""
+    last = ", ".join(f"{k}={v[-1][1]:.4g}" for k, v in curves.items())
+    return (f"{title}: {step} steps, run folder {run_dir}{note}; continue headless with: python -m training --resume "
+            f"{run_dir}; last {last}")
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """A run input file (validation prompts, negative prompt) in the run folder, replaced atomically."""
+    from apt_core.models.io import save_state_dict_file
+
+    save_state_dict_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, path, overwrite=True)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# With ComfyUI
+# ----------------------------------------------------------------------------------------------
+
+
+def wan_config_of(model: Any) -> Any:
+    """The apt_core WanConfig of a ComfyUI MODEL's diffusion model (from its shapes and head count)."""
+    from apt_core.models.io import infer_wan_config
+
+    from .comfy_backbone import model_signature
+
+    dm = model.model.diffusion_model
+    shapes = {k: torch.empty(s, device="meta") for k, s in model_signature(model).items()}
+    return infer_wan_config(shapes, num_heads=int(dm.num_heads))
+
+
+def model_source(generator: Any, discriminator: Any = None, teacher: Any = None, dtype: torch.dtype | None = None) -> Any:
+    """The runner's models from ComfyUI MODELs: G's (and D's) base weights = the MODEL's effective weights
+    (read when the runner builds it), the CD teacher = a ready frozen module (ComfyFlowModel)."""
+    from training.models import MemorySource
+
+    from .comfy_backbone import effective_state_dict
+
+    d = (lambda: effective_state_dict(discriminator, dtype)) if discriminator is not None else None
+    return MemorySource(wan_config_of(generator), lambda: effective_state_dict(generator, dtype), d, teacher=teacher)
+
+
+def progress_and_stop(total: int) -> tuple[Callable[[int, int, dict], None], Any]:
+    """(on_step, stop): on_step moves ComfyUI's ProgressBar; when Stop was pressed it asks the runner to
+    stop (the runner saves a checkpoint after the step and returns) instead of raising mid-step."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from training.stop import StopRequest
+
+    stop = StopRequest()
+    pbar = comfy.utils.ProgressBar(total)
+
+    def on_step(step: int, total: int, metrics: dict) -> None:
+        if stop.reason is not None:
+            return
+        try:
+            if mm.processing_interrupted():
+                raise mm.InterruptProcessingException()
+            pbar.update_absolute(min(step, total), total)  # ComfyUI's hook raises there when Stop is pressed
+        except mm.InterruptProcessingException:
+            stop.request(STOP_REASON)
+
+    return on_step, stop
+
+
+def run(cfg: Any, models: Any, title: str) -> tuple[dict | None, bool]:
+    """Run the config with the runner inside ComfyUI: (result, complete). complete: the run folder already
+    held the finished run (re-queued with resume on): nothing trained, the outputs come from its folder.
+    Stop: the runner saves a checkpoint, then ComfyUI's InterruptProcessingException is raised."""
+    import comfy.model_management as mm
+
+    from training.loop import RunComplete, train
+
+    from .comfy_env import training_mode
+
+    total = cfg.run.steps if cfg.run.stage != "apt" else cfg.apt.image.steps + cfg.apt.video.steps
+    on_step, stop = progress_and_stop(total)
+    log.info("APT %s: training to step %d (run folder: %s)", cfg.run.stage, total, cfg.run.dir)
+    try:
+        with training_mode():
+            result = train(cfg, models=models, on_step=on_step, stop=stop)
+    except RunComplete:
+        log.info("%s: %s is complete; outputting its export", title, cfg.run.dir)
+        return None, True
+    if result.get("stopped"):
+        mm.interrupt_current_processing(False)
+        raise mm.InterruptProcessingException()
+    return result, False

@@ -1,0 +1,133 @@
+"""The training nodes' glue around the one runner (nodes.node_run, nodes.run_config), without ComfyUI: a run
+with the node's config and in-memory weights (as APT Train passes them) leaves the folder the node reads
+its outputs from, the same losses as the same settings headless, and the start checks that protect a folder."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apt_core.backbone import WanFlowModel
+from apt_core.models.io import save_wan
+from apt_core.models.wan import get_config
+from bench.trainer_scaling import write_synthetic_shards
+from nodes.node_run import check_start, export_weights, history, report, validation_latents
+from nodes.run_config import node_run_config, widget_defaults
+from nodes.train import APTTrain
+from training.config import load_config
+from training.distributed import destroy
+from training.loop import RunComplete, train
+from training.models import MemorySource
+
+TINY = get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("node_run")
+    torch.manual_seed(3)
+    model = WanFlowModel(TINY)
+    with torch.no_grad():  # a "trained" head: Wan zero-initialises it, which would block every LoRA gradient
+        model.head.head.weight.normal_(std=0.05)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    return {"data": write_synthetic_shards(root / "shards", num=6), "sd": sd, "base": save_wan(model, root / "base.safetensors")}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """A 1-process group on a free port, as ComfyUI's process gets on the first run; torn down after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    yield
+    destroy()
+
+
+def apt_config(files, folder, lora_rank=4, steps=2):
+    w = {**widget_defaults(APTTrain), "steps": steps, "lr": 1e-3, "batch_size": 2, "grad_accum": 1, "lora_rank": lora_rank,
+         "val_every": 1, "precision": "fp32", "gradient_checkpointing": False}
+    disc = {"mode": "lora", "head_layers": [], "lora_rank": 2}
+    return node_run_config("apt", w, str(files["data"]), str(folder), disc, {"source": "caller"}, device="cpu")
+
+
+def losses(folder):
+    rows = [r for r in map(__import__("json").loads, (folder / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+    return [(r["step"], r["d_loss"], r["g_loss"]) for r in rows]
+
+
+def test_a_node_run_leaves_what_the_node_outputs(env, files, tmp_path):
+    folder = tmp_path / "run"
+    check_start(folder, resume=False)  # a new folder: nothing to protect
+    result = train(apt_config(files, folder), models=MemorySource(TINY, lambda: dict(files["sd"])))
+    assert result["step"] == 2 and not result["stopped"]
+    kind, lora, info = export_weights(folder, "apt", 4)
+    assert kind == "lora" and info["step"] == 2 and info["ema"]
+    assert lora and all(k.startswith("diffusion_model.") for k in lora)  # ComfyUI-native keys, as with_lora takes them
+    # the LoRA on the input weights is the trained generator: the merged full export
+    full = load_file(str(folder / "export" / "apt_generator.safetensors"))
+    ups = [k for k in lora if k.endswith(".lora_up.weight")]
+    assert ups
+    for k in ups:
+        base = k[len("diffusion_model."):-len(".lora_up.weight")]
+        scale = float(lora[f"diffusion_model.{base}.alpha"]) / lora[k].shape[1]
+        merged = files["sd"][f"{base}.weight"] + scale * lora[k].float() @ lora[k.replace("lora_up", "lora_down")].float()
+        torch.testing.assert_close(full[f"{base}.weight"], merged, atol=1e-5, rtol=1e-5)
+    assert any(not torch.equal(full[f"{k[16:-15]}.weight"], files["sd"][f"{k[16:-15]}.weight"]) for k in ups)
+    # preview: the last validation latents, [prompts * seeds, C, F, H, W]
+    last = validation_latents(folder, result)
+    saved = load_file(str(folder / "samples" / "step-2" / "samples.safetensors"))["samples"]
+    assert last.shape == (2 * 2, 16, 1, 4, 4) and torch.equal(last, saved.flatten(0, 1))
+    assert torch.equal(validation_latents(folder, None, up_to=2), last)  # a finished run re-queued: from the folder
+    earlier = validation_latents(folder, None, up_to=1)
+    assert earlier.shape == last.shape and not torch.equal(earlier, last)
+    curves = history(folder)
+    assert [s for s, _ in curves["d_loss"]] == [1, 2] and [s for s, _ in curves["val_std"]] == [1, 2]
+    text = report("APT", 2, folder, curves)
+    assert text.startswith(f"APT: 2 steps, run folder {folder}") and f"python -m training --resume {folder}" in text
+    # re-queued: resume off refuses (naming the folder), resume on finds the run complete
+    with pytest.raises(ValueError, match=f"run folder {folder} already holds checkpoints .newest: step-2. and resume is off"):
+        check_start(folder, resume=False)
+    check_start(folder, resume=True)
+    with pytest.raises(RunComplete):
+        train(apt_config(files, folder), models=MemorySource(TINY, lambda: dict(files["sd"])))
+
+
+def test_full_weights_output_when_lora_rank_is_0(env, files, tmp_path):
+    folder = tmp_path / "full"
+    train(apt_config(files, folder, lora_rank=0, steps=1), models=MemorySource(TINY, lambda: dict(files["sd"])))
+    kind, weights, info = export_weights(folder, "apt", 0)
+    assert kind == "full" and info["step"] == 1 and weights.keys() == files["sd"].keys()
+    assert not torch.equal(weights["head.head.weight"], files["sd"]["head.head.weight"])
+
+
+def test_the_nodes_settings_give_the_same_losses_headless(env, files, tmp_path):
+    """Issue 17: the same settings and seed give the same losses whichever front end runs them: the node's
+    run (weights in memory) and `python -m training` on its config.toml with the weights from a file."""
+    node = tmp_path / "node"
+    train(apt_config(files, node), models=MemorySource(TINY, lambda: dict(files["sd"])))
+    headless = tmp_path / "headless"
+    cfg = load_config(node / "config.toml", [f"--run.dir={headless}", "--model.source=files", f"--model.init_from={files['base']}",
+                                             "--model.arch.dim=0"])
+    train(cfg)
+    a, b = losses(node), losses(headless)
+    assert len(a) == 2 and [s for s, *_ in a] == [s for s, *_ in b]
+    np.testing.assert_allclose(np.array(b)[:, 1:], np.array(a)[:, 1:], rtol=1e-5, atol=1e-7)
+
+
+def test_start_checks_protect_the_folder(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "state.json").write_text('{"kind": "apt", "step": 3}')  # the earlier node-only run state
+    for resume in (True, False):
+        with pytest.raises(ValueError, match=f"run folder {old} holds a run state of an earlier ComfyUI-APT version"):
+            check_start(old, resume)
+    assert (old / "state.json").is_file()
+    with pytest.raises(FileNotFoundError, match="apt_generator.safetensors is missing"):
+        export_weights(tmp_path / "none", "apt", 0)
+    assert validation_latents(tmp_path / "none") is None
