@@ -157,9 +157,7 @@ class MemorySource(ModelSource):
         return w() if callable(w) else w
 
     def teacher(self, cfg: RunConfig, world: D.World, config: WanConfig) -> nn.Module | None:
-        if self._teacher is not None:
-            self._teacher.requires_grad_(False)
-        return self._teacher
+        return self._teacher  # used as is (no copy, flags untouched): the CD step calls it under torch.no_grad
 
 
 def frozen_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
@@ -172,7 +170,8 @@ def frozen_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
 
 
 def cast_frozen(model: nn.Module, dtype: torch.dtype | None) -> int:
-    """Cast every parameter that does not train to `dtype` (trainable ones stay fp32); returns how many."""
+    """Cast every parameter that does not train to `dtype` (trainable ones stay fp32); returns how many.
+    On a meta-device model (before `parallelize` materialises it) this only sets the dtype to allocate."""
     if dtype is None:
         return 0
     n = 0
@@ -202,9 +201,8 @@ def build_flow(cfg: RunConfig, world: D.World, config: WanConfig, models: ModelS
         full = ref.state_dict()
     if not trainable:
         model.requires_grad_(False)
-    model = parallelize(model, full, cfg.parallel, world, wrap_ddp=trainable)
-    cast_frozen(model, frozen_dtype(cfg, world.device))
-    return model
+    cast_frozen(model, frozen_dtype(cfg, world.device))  # still on meta: the device holds them only in that dtype
+    return parallelize(model, full, cfg.parallel, world, wrap_ddp=trainable)
 
 
 def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, models: ModelSource,
@@ -232,9 +230,8 @@ def build_discriminator(cfg: RunConfig, world: D.World, config: WanConfig, model
         ref_backbone.load_state_dict(dict(models.weights(cfg, config, "discriminator")), assign=True)
         with seeded(cfg.run.seed + 2):
             full = cls(ref_backbone, **kwargs).state_dict()
-    disc = parallelize(disc, full, cfg.parallel, world)
     cast_frozen(disc, frozen_dtype(cfg, world.device))
-    return disc
+    return parallelize(disc, full, cfg.parallel, world)
 
 
 def build_teacher(cfg: RunConfig, world: D.World, config: WanConfig, models: ModelSource) -> nn.Module:

@@ -128,6 +128,11 @@ def materialize(
         raise ValueError("materialize: rank 0 needs the full state dict to broadcast")
     state = dict(full_state) if world.is_main else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.get_world_size() > 1, strict=strict)
+    if not options.broadcast_from_rank0 and not any(hasattr(p, "to_local") for p in model.parameters()):
+        # one process, plain tensors: copy tensor by tensor from the CPU (each cast to its parameter's dtype),
+        # so the device never holds a second full copy (a consumer GPU fits the bf16 model, not that)
+        model.load_state_dict(state, strict=strict)
+        return model
     if not options.broadcast_from_rank0:
         state = {k: v.to(world.device) for k, v in state.items()}
     set_model_state_dict(model, state, options=options)

@@ -94,6 +94,8 @@ def test_memory_source_gives_the_same_losses_as_the_weights_file(monkeypatch, fi
     if stage == "cd":  # the caller's own frozen teacher module (a ComfyUI model in the nodes)
         teacher = WanFlowModel(get_config("tiny"))
         teacher.load_state_dict(files["sd"])
+        calls: list[int] = []
+        teacher.register_forward_hook(lambda *_: calls.append(1))
     source = MemorySource(get_config("tiny"), generator=lambda: dict(files["sd"]), teacher=teacher)
     cfg = _cfg(tmp_path / "memory", "--model.source=caller", *common)
     in_memory = _run(monkeypatch, cfg, models=source)
@@ -102,13 +104,17 @@ def test_memory_source_gives_the_same_losses_as_the_weights_file(monkeypatch, fi
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         np.testing.assert_allclose(list(rb.values()), list(ra.values()), rtol=1e-5, atol=1e-7)
+    if teacher is not None:  # the caller's module is used, not copied, and left as it was
+        assert len(calls) >= 2  # one (CFG-batched) teacher call per step
+        assert all(torch.equal(v, files["sd"][k]) for k, v in teacher.state_dict().items())
+        assert all(p.requires_grad for p in teacher.parameters())
     saved = load_config(tmp_path / "memory/config.toml")
     assert saved.model.source == "caller" and saved.model.init_from == ""
     assert dataclasses.asdict(saved.model.arch)["dim"] == get_config("tiny").dim  # recorded for a resume without the caller
     assert cfg.model.arch.dim == 0  # the caller's config is left as it was
 
 
-def test_on_step_and_a_stop_from_it_save_a_checkpoint_and_the_next_call_resumes(monkeypatch, files, tmp_path):
+def test_on_step_and_a_stop_from_it_save_a_checkpoint_and_the_next_call_resumes(monkeypatch, files, tmp_path, capfd):
     cfg = _cfg(tmp_path, f"--data.path={files['data']}", f"--model.init_from={files['base']}", "--apt.image.steps=4",
                "--apt.video.steps=0", "--export.final=true")
     calls: list[tuple[int, int, dict[str, float]]] = []
@@ -127,6 +133,8 @@ def test_on_step_and_a_stop_from_it_save_a_checkpoint_and_the_next_call_resumes(
     assert first["stopped"] == "Stop button" and first["step"] == 2
     assert first["checkpoint"] == str(tmp_path / "checkpoints/step-2") and Path(first["checkpoint"], "COMPLETE").is_file()
     assert "export" not in first
+    out, err = capfd.readouterr()  # monitor.progress = false: no bar, no step lines (a node shows its own)
+    assert "apt-train" not in err + out and "step 1/" not in out
     calls.clear()
     second = _run(monkeypatch, cfg, on_step=on_step)
     assert second["resumed_from"] == str(tmp_path / "checkpoints/step-2")
@@ -306,5 +314,37 @@ def test_bf16_frozen_weights_train_and_round_trip_a_checkpoint(monkeypatch, file
         for a, b in ((stage.generator, again.generator), (stage.discriminator, again.discriminator)):
             sa, sb = a.state_dict(), b.state_dict()
             assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    finally:
+        destroy()
+
+
+def test_frozen_weights_are_allocated_and_loaded_in_bf16_on_one_process(monkeypatch, files):
+    """The single-process path materialises frozen weights straight in their cast dtype from rank 0's CPU state
+    (a consumer GPU never holds them in fp32); adapters stay fp32 with exactly the seeded values."""
+    from training.distributed import init_distributed
+    from training.parallelize import parallelize
+
+    cfg = load_config(None, ["--data.path=x", "--parallel.strategy=none", "--parallel.mixed_precision=bf16"])
+    _env(monkeypatch)
+    world = init_distributed("cpu", "gloo")
+    try:
+        with torch.device("meta"):
+            model = WanFlowModel(get_config("tiny"))
+        inject_lora(model, 4)
+        ref = WanFlowModel(get_config("tiny"))
+        ref.load_state_dict(files["sd"])
+        inject_lora(ref, 4)
+        with torch.no_grad():
+            for p in ref.parameters():
+                if p.requires_grad:
+                    p.normal_()
+        full = ref.state_dict()
+        assert cast_frozen(model, torch.bfloat16) > 0 and all(p.is_meta for p in model.parameters())
+        model = parallelize(model, full, cfg.parallel, world)
+        for n, t in model.state_dict().items():
+            want = full[n].to(t.dtype)
+            assert t.device.type == "cpu" and torch.equal(t, want), n
+        trained = dict(model.named_parameters())
+        assert all(trained[n].dtype == (torch.float32 if trained[n].requires_grad else torch.bfloat16) for n in trained)
     finally:
         destroy()
