@@ -46,7 +46,7 @@ def export_weights(run_dir: Path, stage: str, lora_rank: int) -> tuple[str, dict
     from training.export import export_files, read_export_info
     from training.loop import STAGES
 
-    path = export_files(run_dir / "export", STAGES[stage].export_name, lora_rank)[-1]
+    path = export_files(run_dir / "export", STAGES[stage].export_name, lora_rank, merged=False)[-1]
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the run's final export (the node's output). Export it again with "
                                 f"python -m training --config {run_dir / 'config.toml'} --export-only, or choose another run_name")

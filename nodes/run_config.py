@@ -100,7 +100,7 @@ def widget_config(stage: str, cd: Mapping[str, Any], apt: Mapping[str, Any], dis
 
 def node_settings(data: dict, precision: str, device: str = "cuda") -> dict:
     """What a run inside ComfyUI sets besides the widgets: one process on ComfyUI's device (`device`:
-    its type), exports into the run folder (replacing the run's own), the last 2 checkpoints, metrics
+    its type), exports into the run folder (replacing the run's own; a LoRA run: the LoRA file only), the last 2 checkpoints, metrics
     written every step (the plot), no console bar and no TensorBoard. precision bf16 on a CPU trains in
     fp32 (mixed_precision auto: bf16 again when the run continues on a GPU). run.device stays auto (a
     resumed run takes the GPU where there is one) unless ComfyUI runs on the CPU beside a GPU (--cpu)."""
@@ -109,7 +109,8 @@ def node_settings(data: dict, precision: str, device: str = "cuda") -> dict:
     data["run"] |= {"device": "cpu" if device == "cpu" and torch.cuda.is_available() else "auto"}
     data["parallel"] |= {"strategy": "none", "mixed_precision": precision if precision == "fp32" or device != "cpu" else "auto"}
     data["checkpoint"] = {"keep": 2}
-    data["export"] = {"final": True, "overwrite": True, "dtype": "fp32" if precision == "fp32" else "bf16"}
+    # a LoRA run exports the LoRA only: the node outputs it, and a merged copy would be a full model per run
+    data["export"] = {"final": True, "overwrite": True, "merged": False, "dtype": "fp32" if precision == "fp32" else "bf16"}
     data["monitor"] |= {"progress": False, "tensorboard": False, "log_every": 1}
     return data
 

@@ -257,6 +257,8 @@ class ExportSection:
     """Model-only safetensors at the end of a run (and of the APT image phase)."""
 
     final: bool = opt(True, "export the (EMA) generator when the run ends")
+    merged: bool = opt(True, "with model.lora_rank > 0 also write <name>.safetensors, the generator with its LoRA merged "
+                       "(the full model's size) beside <name>_lora.safetensors; off: the LoRA file only")
     dtype: str = opt("bf16", "dtype of exported tensors", ("bf16", "fp16", "fp32"))
     overwrite: bool = opt(False, "replace existing export files (also --overwrite); off: a run refuses at start")
 

@@ -57,16 +57,18 @@ def export_generator(
     dtype: str = "bf16",
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
+    merged: bool = True,
 ) -> dict[str, Path]:
-    """Write `<out_dir>/<name>.safetensors` (Wan keys, LoRA merged) and `<name>_lora.safetensors`
-    (ComfyUI LoRA keys, if `lora_rank`); EMA weights when `ema` is given. Returns the paths (rank 0).
+    """Write `<out_dir>/<name>.safetensors` (Wan keys, LoRA merged; with a LoRA only if `merged`) and
+    `<name>_lora.safetensors` (ComfyUI LoRA keys, if `lora_rank`); EMA weights when `ema` is given.
+    Returns the paths (rank 0).
     An existing file is refused (FileExistsError, before the weights are gathered) unless `overwrite`."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export.dtype={dtype!r}; choose one of {sorted(EXPORT_DTYPES)}")
     error = None
     if world.is_main:  # rank 0 writes the files; every rank must stop before the collective gather
         try:
-            for path in export_files(out_dir, name, lora_rank):
+            for path in export_files(out_dir, name, lora_rank, merged):
                 refuse_overwrite(path, overwrite, "pass --overwrite (export.overwrite = true)")
         except FileExistsError as e:
             error = str(e)
@@ -88,6 +90,8 @@ def export_generator(
         load_into(cpu, sd)
         lora = {k: v.float() if k.endswith(".alpha") else v.to(EXPORT_DTYPES[dtype]) for k, v in lora_state_dict(cpu).items()}
         paths["lora"] = save_state_dict_file(lora, out_dir / f"{name}_lora.safetensors", metadata=meta, overwrite=overwrite)
+        if not merged:
+            return paths
         merge_lora(cpu)
         sd = base_state_dict(cpu)
     cast = {k: v.to(EXPORT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
@@ -97,10 +101,12 @@ def export_generator(
     return paths
 
 
-def export_files(out_dir: str | os.PathLike, name: str, lora_rank: int = 0) -> list[Path]:
-    """The files `export_generator(out_dir, name, ...)` writes."""
+def export_files(out_dir: str | os.PathLike, name: str, lora_rank: int = 0, merged: bool = True) -> list[Path]:
+    """The files `export_generator(out_dir, name, ...)` writes: the full weights (unless a LoRA run with
+    `merged` off), then the LoRA (if `lora_rank`)."""
     out_dir = Path(out_dir)
-    return [out_dir / f"{name}.safetensors"] + ([out_dir / f"{name}_lora.safetensors"] if lora_rank else [])
+    full = [out_dir / f"{name}.safetensors"] if merged or not lora_rank else []
+    return full + ([out_dir / f"{name}_lora.safetensors"] if lora_rank else [])
 
 
 def read_export_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -208,7 +208,8 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
     if cfg.model.source == "caller" and isinstance(models, FileSource):
         check_caller_resume(cfg, start_path, phases, k)
     final_name = export_name(STAGES[cfg.run.stage].export_name, phases[-1].end, phases[-1].end)
-    exported = not cfg.export.final or export_files(run_dir / "export", final_name, cfg.model.lora_rank)[0].is_file()
+    exported = not cfg.export.final or all(p.is_file() for p in export_files(run_dir / "export", final_name, cfg.model.lora_rank,
+                                                                    cfg.export.merged))
     if step >= phases[-1].end and not export_only and exported:  # (not exported: stopped at the last step; export now)
         steps_key = "run.steps" if cfg.run.stage != "apt" else f"apt.{phases[-1].name}.steps"
         raise RunComplete(f"{run_dir} is already complete at step {step} ({start_path}); use --run.dir=<new dir> for "
@@ -221,7 +222,7 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
     if world.is_main:  # rank 0 writes the exports; every rank stops together
         try:
             check_export_targets(run_dir / "export", exports, cfg.model.lora_rank, cfg.export.overwrite,
-                                 resumed=start_path is not None and not export_only)
+                                 resumed=start_path is not None and not export_only, merged=cfg.export.merged)
         except FileExistsError as e:
             error = str(e)
     error = D.broadcast_object(error)
@@ -306,7 +307,7 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
             check_weights(stage, step, ckpt)
             export_generator(stage.generator, run_dir / "export", "apt_image_ema", world, config, stage.ema, lora,
                              cfg.model.lora_alpha or None, cfg.export.dtype, {"step": step, "phase": "image"},
-                             overwrite=True)  # checked at start (check_export_targets)
+                             overwrite=True, merged=cfg.export.merged)  # checked at start (check_export_targets)
     logger.close()
     result["step"] = step
     result["metrics"] = logger.rows
@@ -320,7 +321,8 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
         name = export_name(stage.export_name, step, phases[-1].end)
         paths = export_generator(stage.generator, run_dir / "export", name, world, config, stage.ema, lora,
                                  cfg.model.lora_alpha or None, cfg.export.dtype,
-                                 {"stage": cfg.run.stage, "step": step}, overwrite=True)  # checked at start
+                                 {"stage": cfg.run.stage, "step": step}, overwrite=True,  # checked at start
+                                 merged=cfg.export.merged)
         result["export"] = {k: str(v) for k, v in paths.items()}
     D.barrier()
     return result

@@ -154,13 +154,14 @@ def planned_exports(cfg: RunConfig, phases: list[Phase], k: int, step: int, expo
     return out
 
 
-def check_export_targets(out_dir: Path, planned: dict[str, dict], lora_rank: int, overwrite: bool, resumed: bool) -> None:
+def check_export_targets(out_dir: Path, planned: dict[str, dict], lora_rank: int, overwrite: bool, resumed: bool,
+                         merged: bool = True) -> None:
     """Before training: FileExistsError for an export file this run would replace, unless `overwrite`. A resumed
     run may rewrite its own export of the same step (left by the interrupted attempt: same weights)."""
     if overwrite:
         return
     for name, meta in planned.items():
-        for path in export_files(out_dir, name, lora_rank):
+        for path in export_files(out_dir, name, lora_rank, merged):
             if not path.exists():
                 continue
             old = read_export_info(path)

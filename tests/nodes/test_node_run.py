@@ -79,7 +79,11 @@ def test_a_node_run_leaves_what_the_node_outputs(env, files, tmp_path):
     kind, lora, info = export_weights(folder, "apt", 4)
     assert kind == "lora" and info["step"] == 2 and info["ema"]
     assert lora and all(k.startswith("diffusion_model.") for k in lora)  # ComfyUI-native keys, as with_lora takes them
-    # the LoRA on the input weights is the trained generator: the merged full export
+    # the run folder holds the LoRA only (no merged full model per run); the documented recipe exports the
+    # merged one from the checkpoint alone (no ComfyUI MODEL): the LoRA on the input weights is that generator
+    assert sorted(p.name for p in (folder / "export").iterdir()) == ["apt_generator_lora.safetensors"]
+    again = train(load_config(folder / "config.toml", ["--export.merged=true"]), export_only=True)
+    assert sorted(again["export"]) == ["lora", "model"]
     full = load_file(str(folder / "export" / "apt_generator.safetensors"))
     ups = [k for k in lora if k.endswith(".lora_up.weight")]
     assert ups

@@ -120,3 +120,12 @@ def test_lora_export_uses_comfyui_keys_and_matches_merged_model(world, files, tm
     with torch.no_grad():
         torch.testing.assert_close(base(x, t, c), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(merged(x, t, c), expected, atol=1e-5, rtol=0)
+
+
+def test_export_files_merged_off_keeps_the_lora_only(tmp_path):
+    """export.merged = false: a LoRA run exports the LoRA file only; a full fine-tune still its full weights."""
+    from training.export import export_files
+
+    assert [p.name for p in export_files(tmp_path, "g", 4)] == ["g.safetensors", "g_lora.safetensors"]
+    assert [p.name for p in export_files(tmp_path, "g", 4, merged=False)] == ["g_lora.safetensors"]
+    assert [p.name for p in export_files(tmp_path, "g", 0, merged=False)] == ["g.safetensors"]
