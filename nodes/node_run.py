@@ -11,6 +11,7 @@ export/): either front end resumes it. Everything but `run` and `model_source` w
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,21 @@ def report(title: str, step: int, run_dir: Path, curves: dict[str, list[tuple[in
            stage: str = "apt") -> str:
     """The node's report: steps, run folder, how to continue headless, the last value of each curve."""
     last = ", ".join(f"{k}={v[-1][1]:.4g}" for k, v in curves.items())
-    more = "--run.steps=<more> --cd.teacher_from=<the teacher's weights file>" if stage == "cd" else "--apt.image.steps=<more>"
-    return (f"{title}: {step} steps, run folder {run_dir}{note}; continue headless with: python -m training --resume "
-            f"{run_dir} {more}; last {last}")
+    teacher = " (replace TEACHER_WEIGHTS.safetensors by the teacher's weights file)" if stage == "cd" else ""
+    return (f"{title}: {step} steps, run folder {run_dir}{note}; continue headless (here to {2 * step} steps{teacher}) with: "
+            f"{headless_command(run_dir, step, stage)}; last {last}")
+
+
+def headless_command(run_dir: Path, step: int, stage: str = "apt") -> str:
+    """A shell command that continues the run to 2 * `step` steps with the headless trainer: ComfyUI's own
+    Python, run from this pack's folder (where `-m training` imports), paths quoted. A CD run also needs
+    its teacher's weights file, which the node cannot know (a placeholder to replace)."""
+    import sys
+
+    more = f"--run.steps={2 * step} --cd.teacher_from=TEACHER_WEIGHTS.safetensors" if stage == "cd" else f"--apt.image.steps={2 * step}"
+    pack = Path(__file__).resolve().parents[1]
+    return (f"cd {shlex.quote(str(pack))} && {shlex.quote(sys.executable)} -m training --resume {shlex.quote(str(run_dir))} "
+            f"{more}")
 
 
 def in_node_terms(message: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -319,13 +320,17 @@ def train_graph(run_name: str, steps: int, resume: bool, save: str | None = None
     return g
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without a process group's variables (a fresh process, as on a cluster), 1 thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return env | {"OMP_NUM_THREADS": "1"}
+
+
 def headless(*args: str) -> None:
     """python -m training ARGS in this checkout's venv (a fresh process, as on a cluster)."""
-    import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = clean_env() | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -343,8 +348,8 @@ def test_node_run_continues_headless_and_matches_a_headless_run(comfy, dataset, 
     from the node's step; the same settings and seed give the same losses headless (weights from the model file)."""
     from training.config import load_config, save_config
 
-    run = comfy.output / "apt" / "runs" / f"{RUN}-a"
-    comfy.run(train_graph(f"{RUN}-a", 2, False))
+    run = comfy.output / "apt" / "runs" / f"{RUN} a: v1"  # a run_name with a space and a colon
+    report = "\n".join(texts(comfy.run(train_graph(run.name, 2, False))))
     node = losses(run)
     assert sorted(node) == [1, 2]
     # (c) the node's config, run headless from step 0 on the file the node's MODEL was loaded from
@@ -355,23 +360,29 @@ def test_node_run_continues_headless_and_matches_a_headless_run(comfy, dataset, 
     other = losses(fresh)
     for step in (1, 2):
         torch.testing.assert_close(torch.tensor(node[step]), torch.tensor(other[step]), rtol=1e-4, atol=1e-6)
-    # (a) continue the node's run headless: from its checkpoint, without the ComfyUI MODEL
-    headless("--resume", str(run), "--apt.image.steps=4")
+    # (a) continue the node's run headless: from its checkpoint, without the ComfyUI MODEL, with the command its
+    # report printed, pasted into a shell as it is (ComfyUI's Python, from the pack's folder, to 2 x 2 steps)
+    command = report.split(" with: ", 1)[1].rsplit("; last ", 1)[0]
+    shell = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert shell.returncode == 0, (command, shell.stderr[-4000:])
     resumed = [e for e in lines(run) if e.get("event") == "resume"]
     assert resumed and resumed[-1]["checkpoint"] == str(run / "checkpoints" / "step-2")
     assert [r["step"] for r in metric_rows(run)] == [1, 2, 3, 4]
     for step in (3, 4):  # the continued run is the uninterrupted one
         torch.testing.assert_close(torch.tensor(losses(run)[step]), torch.tensor(other[step]), rtol=1e-4, atol=1e-6)
     # queued again with resume on and 4 steps, the node finds the run complete and outputs its export
-    entry = comfy.run(train_graph(f"{RUN}-a", 4, True, save=f"apt_test/{RUN}/complete"))
+    entry = comfy.run(train_graph(run.name, 4, True, save=f"apt_test/{RUN}/complete"))
     assert "APT: 4 steps" in "\n".join(texts(entry)) and "already complete" in "\n".join(texts(entry))
     saved = load_file(str(comfy.dir / "models" / "diffusion_models" / "apt_test" / RUN / "complete.safetensors"))
+    # the run folder holds the LoRA only (export.merged = false); the documented recipe adds the merged model
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["apt_generator_lora.safetensors"]
+    headless("--resume", str(run), "--export-only", "--export.merged=true")
     export = load_file(str(run / "export" / "apt_generator.safetensors"))
     assert saved.keys() == export.keys()
     for k in export:
         torch.testing.assert_close(saved[k].float(), export[k].float(), rtol=1e-5, atol=1e-5)
     # resume off on that folder: a clear error naming it, nothing deleted
-    entry = comfy.wait(comfy.submit(train_graph(f"{RUN}-a", 5, False)), 300)
+    entry = comfy.wait(comfy.submit(train_graph(run.name, 5, False)), 300)
     assert entry["status"]["status_str"] == "error" and f"run folder {run} already holds checkpoints" in error_of(entry)
     assert (run / "checkpoints" / "step-4" / "COMPLETE").is_file()
 

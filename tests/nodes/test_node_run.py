@@ -5,7 +5,10 @@ its outputs from, the same losses as the same settings headless, and the start c
 from __future__ import annotations
 
 import json
+import shlex
 import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +37,7 @@ from training.models import MemorySource
 from training.stop import StopRequest
 
 TINY = get_config("tiny")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +167,18 @@ def test_consistency_distill_with_the_nodes_negative_prompt_file(env, files, tmp
         assert kind == "lora" and info["step"] == 2 and load_config(folder / "config.toml").cd.negative_embedding == extra["negative_embedding"]
         runs[name] = [r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
         text = report("CD", 2, folder, history(folder), stage="cd")
-        assert f"--resume {folder} --run.steps=<more> --cd.teacher_from=" in text and "loss=" in text
+        assert f"--resume {folder} --run.steps=4 --cd.teacher_from=TEACHER_WEIGHTS.safetensors" in text and "loss=" in text
     assert len(runs["zeros"]) == 2 and runs["zeros"] != runs["prompt"]  # the negative prompt reaches the teacher's CFG
+
+
+def test_the_reports_headless_command_runs_verbatim_in_a_shell(tmp_path):
+    """The report's continue command is one shell command: ComfyUI's Python from this pack's folder (where
+    `-m training` imports; the pack is not installed in ComfyUI's venv), paths quoted, a real step count."""
+    folder = tmp_path / "my run: v1?*"
+    text = report("APT", 3, folder, {"d_loss": [(3, 0.5)]})
+    command = text.split(" with: ", 1)[1].rsplit("; last ", 1)[0]
+    assert shlex.split(command) == ["cd", str(ROOT), "&&", sys.executable, "-m", "training", "--resume", str(folder),
+                                    "--apt.image.steps=6"]
 
 
 def test_start_checks_protect_the_folder(tmp_path):
