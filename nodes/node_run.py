@@ -79,11 +79,13 @@ def history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return metrics_history(read_metrics(Path(run_dir) / "metrics.jsonl"))
 
 
-def report(title: str, step: int, run_dir: Path, curves: dict[str, list[tuple[int, float]]], note: str = "") -> str:
+def report(title: str, step: int, run_dir: Path, curves: dict[str, list[tuple[int, float]]], note: str = "",
+           stage: str = "apt") -> str:
     """The node's report: steps, run folder, how to continue headless, the last value of each curve."""
     last = ", ".join(f"{k}={v[-1][1]:.4g}" for k, v in curves.items())
+    more = "--run.steps=<more> --cd.teacher_from=<the teacher's weights file>" if stage == "cd" else "--apt.image.steps=<more>"
     return (f"{title}: {step} steps, run folder {run_dir}{note}; continue headless with: python -m training --resume "
-            f"{run_dir}; last {last}")
+            f"{run_dir} {more}; last {last}")
 
 
 def in_node_terms(message: str) -> str:

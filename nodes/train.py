@@ -148,7 +148,7 @@ class APTConsistencyDistill:
         step = int(info.get("step", iterations))
         out = result_model(teacher, kind, weights, {"stage": "cd", "cd_steps": step})
         curves = history(folder)
-        text = report("CD", step, folder, curves, " (already complete: its export)" if complete else "")
+        text = report("CD", step, folder, curves, " (already complete: its export)" if complete else "", stage="cd")
         return (out, render_metrics(curves, "consistency distillation", [["loss"], ["grad_norm"]]), text)
 
 

@@ -16,9 +16,17 @@ from apt_core.backbone import WanFlowModel
 from apt_core.models.io import save_wan
 from apt_core.models.wan import get_config
 from bench.trainer_scaling import write_synthetic_shards
-from nodes.node_run import check_start, export_weights, history, in_node_terms, report, validation_latents
+from nodes.node_run import (
+    check_start,
+    export_weights,
+    history,
+    in_node_terms,
+    report,
+    validation_latents,
+    write_tensors,
+)
 from nodes.run_config import node_run_config, widget_defaults
-from nodes.train import APTTrain
+from nodes.train import APTConsistencyDistill, APTTrain
 from training.config import load_config
 from training.distributed import destroy
 from training.loop import ResumeMismatch, RunComplete, train
@@ -132,6 +140,27 @@ def test_a_changed_lora_rank_is_refused_in_the_nodes_words(env, files, tmp_path)
         train(apt_config(files, folder, lora_rank=8, steps=3), models=MemorySource(TINY, lambda: dict(files["sd"])))
     text = in_node_terms(str(e.value))
     assert "model.lora_rank = 4 there, 8 now" in text and "another run_name" in text and "--run.dir" not in text
+
+
+def test_consistency_distill_with_the_nodes_negative_prompt_file(env, files, tmp_path):
+    """APT Consistency Distill's run: the frozen teacher is the caller's module (ComfyUI's model in the node) and
+    its negative CONDITIONING a run file (cd.negative_embedding) that the teacher's CFG uses."""
+    teacher = WanFlowModel(TINY)
+    teacher.load_state_dict(files["sd"])
+    w = {**widget_defaults(APTConsistencyDistill), "iterations": 2, "lr": 1e-3, "batch_size": 2, "cd_steps": 4, "cfg": 3.0,
+         "lora_rank": 4, "precision": "fp32", "gradient_checkpointing": False}
+    runs = {}
+    for name, neg in (("zeros", torch.zeros(5, 32)), ("prompt", torch.randn(5, 32, generator=torch.Generator().manual_seed(1)))):
+        folder = tmp_path / name
+        extra = {"negative_embedding": write_tensors(folder / "negative.safetensors", {"context": neg})}
+        cfg = node_run_config("cd", w, str(files["data"]), str(folder), model={"source": "caller"}, cd_extra=extra, device="cpu")
+        train(cfg, models=MemorySource(TINY, lambda: dict(files["sd"]), teacher=teacher))
+        kind, _, info = export_weights(folder, "cd", 4)
+        assert kind == "lora" and info["step"] == 2 and load_config(folder / "config.toml").cd.negative_embedding == extra["negative_embedding"]
+        runs[name] = [r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+        text = report("CD", 2, folder, history(folder), stage="cd")
+        assert f"--resume {folder} --run.steps=<more> --cd.teacher_from=" in text and "loss=" in text
+    assert len(runs["zeros"]) == 2 and runs["zeros"] != runs["prompt"]  # the negative prompt reaches the teacher's CFG
 
 
 def test_start_checks_protect_the_folder(tmp_path):
