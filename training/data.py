@@ -129,8 +129,9 @@ class ShardDataset(torch.utils.data.Dataset):
         return sample
 
     def has_image_latent(self) -> bool:
-        """Whether the samples carry `image_latent` (Wan 2.1 I2V's image latent); read from the first sample's header."""
-        return len(self) > 0 and bool(self.readers[0].info(0).get("image_latent"))
+        """Whether the samples carry `image_latent` (Wan 2.1 I2V's image latent): every directory's first sample does
+        (read from its shard header, no tensors)."""
+        return len(self) > 0 and all(bool(r.info(0).get("image_latent")) for r in self.readers if len(r))
 
 
 @dataclass

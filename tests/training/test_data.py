@@ -249,6 +249,7 @@ def test_image_latents_are_batched_with_their_samples(tmp_path: Path) -> None:
     assert not ShardDataset(plain).has_image_latent() and next(BucketedLoader(ShardDataset(plain), 2)).image_latent is None
     with pytest.raises(ValueError, match="with and without image_latent"):
         collate([ds[0], ShardDataset(plain)[0]])
+    assert not ShardDataset([tmp_path / "i2v", plain]).has_image_latent()  # one directory without: not all have it
     with ShardWriter(tmp_path / "big", META) as w:  # corrupt (unnormalised) image latents are refused like latents
         w.add(torch.zeros(4, 1, 2, 2), torch.zeros(2, 3), "x", source="clip.mp4", image_latent=torch.full((4, 1, 2, 2), 1e30))
     with pytest.raises(ValueError, match=r"shard-00000-000000\.safetensors: sample 0 \(dataset index 0, source "
