@@ -86,11 +86,13 @@ def iter_decoded_parallel(items: Sequence[MediaItem], config: DecodeConfig, repo
 def encode_clips(clips: Iterable[tuple[int, DecodedClip | None]], writer: ShardWriter,
                  encode_frames: Callable[[torch.Tensor], torch.Tensor],
                  encode_text: Callable[[str], torch.Tensor],
-                 on_item: Callable[[int], None] | None = None) -> int:
+                 on_item: Callable[[int], None] | None = None,
+                 encode_image_latent: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
     """Encode and write each decoded clip (None = a skipped file); returns the samples written.
 
     Text embeddings are cached per caption and trimmed of trailing zero rows (the trainer zero-pads).
-    on_item(n) is called after each item with the number of items handled so far.
+    on_item(n) is called after each item with the number of items handled so far. encode_image_latent
+    (uint8 [F, H, W, 3] -> [C, F', h, w], e.g. WanVAEEncoder.encode_image_condition) fills each sample's image_latent.
     """
     cache: dict[str, torch.Tensor] = {}
     written = 0
@@ -100,8 +102,9 @@ def encode_clips(clips: Iterable[tuple[int, DecodedClip | None]], writer: ShardW
             if caption not in cache:
                 cache[caption] = trim_text(encode_text(caption))
             latent = encode_frames(clip.frames)
+            image_latent = None if encode_image_latent is None else encode_image_latent(clip.frames)
             writer.add(latent, cache[caption], caption, source=str(clip.item.path), fps=clip.info.fps,
-                       frame_indices=clip.info.frame_indices)
+                       frame_indices=clip.info.frame_indices, image_latent=image_latent)
             written += 1
         if on_item is not None:
             on_item(n)
@@ -116,12 +119,14 @@ def encode_folder(
     encode_text: Callable[[str], torch.Tensor],
     on_item: Callable[[int], None] | None = None,
     num_workers: int = 0,
+    encode_image_latent: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[int, DecodeReport]:
     """Decode, encode and write each item (apt_core.media_scan.MediaItem); bad files go into the report.
 
-    encode_frames: uint8 [F, H, W, 3] -> latent [C, F', h, w]; encode_text: caption -> [L, D].
+    encode_frames: uint8 [F, H, W, 3] -> latent [C, F', h, w]; encode_text: caption -> [L, D]; optional
+    encode_image_latent: like encode_frames, for each sample's image_latent (Wan 2.1 I2V).
     Returns (samples written, DecodeReport). Encoder failures are not skipped: they raise.
     """
     report = DecodeReport(title="decode")
     clips = iter_decoded_parallel(items, decode_config, report, num_workers)
-    return encode_clips(clips, writer, encode_frames, encode_text, on_item), report
+    return encode_clips(clips, writer, encode_frames, encode_text, on_item, encode_image_latent), report

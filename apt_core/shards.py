@@ -76,6 +76,7 @@ class Sample:
     frame_indices: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable per-sample info
     image_emb: torch.Tensor | None = None  # optional [tokens, D] image embedding (I2V: CLIP tokens of the first frame)
+    image_latent: torch.Tensor | None = None  # optional [C, F, H, W] like latent (Wan 2.1 I2V: VAE latent of condition_video)
 
 
 def _json(obj: Any, what: str) -> str:
@@ -158,10 +159,13 @@ class ShardWriter:
 
     def add(self, latent: torch.Tensor, text_emb: torch.Tensor, caption: str, *, text_len: int | None = None,
             source: str = "", fps: float = 0.0, frame_indices: Sequence[int] = (),
-            extra: dict[str, Any] | None = None, image_emb: torch.Tensor | None = None) -> int:
-        """Add one sample (latent [C,F,H,W], text_emb [L,D], optional image_emb [N,E]); returns its number within this writer."""
+            extra: dict[str, Any] | None = None, image_emb: torch.Tensor | None = None,
+            image_latent: torch.Tensor | None = None) -> int:
+        """Add one sample (latent [C,F,H,W], text_emb [L,D], optional image_emb [N,E] and image_latent shaped like
+        latent); returns its number within this writer."""
         return self.add_sample(Sample(latent, text_emb, text_emb.shape[0] if text_len is None else text_len,
-                                      caption, source, fps, list(frame_indices), dict(extra or {}), image_emb))
+                                      caption, source, fps, list(frame_indices), dict(extra or {}), image_emb,
+                                      image_latent))
 
     def add_sample(self, s: Sample) -> int:
         """Validate and queue a Sample; flushes a shard when ``samples_per_shard`` are queued."""
@@ -181,6 +185,14 @@ class ShardWriter:
         if s.image_emb is not None and (not isinstance(s.image_emb, torch.Tensor) or s.image_emb.ndim != 2
                                         or not bool(torch.isfinite(s.image_emb).all())):
             raise ValueError(f"{where}: image_emb must be a finite tensor [N, E], got {_shape(s.image_emb)}")
+        if s.image_latent is not None:
+            il = s.image_latent
+            if not isinstance(il, torch.Tensor) or il.shape != s.latent.shape or il.dtype != s.latent.dtype:
+                got = f"{_shape(il)}, {il.dtype}" if isinstance(il, torch.Tensor) else _shape(il)
+                raise ValueError(f"{where}: image_latent must be shaped like the latent {tuple(s.latent.shape)} "
+                                 f"with its dtype {s.latent.dtype}, got {got}")
+            if il.is_floating_point() and not bool(torch.isfinite(il).all()):
+                raise ValueError(f"{where}: image_latent has NaN/Inf values; check the VAE encode")
         kind = (s.latent.dtype, s.text_emb.dtype, s.latent.shape[0], s.text_emb.shape[1])
         if self._dtypes is None:
             self._dtypes = kind
@@ -197,7 +209,8 @@ class ShardWriter:
                                     s.text_emb.detach().cpu().clone(memory_format=torch.contiguous_format),
                                     info["text_len"], info["caption"], info["source"], info["fps"],
                                     info["frame_indices"], s.extra,
-                                    None if s.image_emb is None else s.image_emb.detach().cpu().contiguous().clone()))
+                                    None if s.image_emb is None else s.image_emb.detach().cpu().contiguous().clone(),
+                                    None if s.image_latent is None else s.image_latent.detach().cpu().contiguous().clone()))
         n = self.num_samples - 1
         if len(self._pending) >= self.samples_per_shard:
             self.flush()
@@ -221,6 +234,10 @@ class ShardWriter:
                 tensors[f"{i}.image_emb"] = s.image_emb
                 info["image_emb"] = True
                 info["crc32"].append(tensor_crc32(s.image_emb))
+            if s.image_latent is not None:
+                tensors[f"{i}.image_latent"] = s.image_latent
+                info["image_latent"] = True
+                info["crc32"].append(tensor_crc32(s.image_latent))
             infos.append(info)
         header = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                   "dataset": _json(self.metadata, "metadata"), "samples": _json(infos, "samples"),
@@ -399,18 +416,25 @@ class ShardReader:
         d = infos[j]
         text_emb = handle.get_tensor(f"{j}.text_emb")
         image_emb = handle.get_tensor(f"{j}.image_emb") if d.get("image_emb") else None
+        image_latent = handle.get_tensor(f"{j}.image_latent") if d.get("image_latent") else None
+        if image_latent is not None and tuple(image_latent.shape) != self.shapes[i]:
+            raise ValueError(f"{self.files[file_no]}: sample {j} (dataset index {i}, source {d.get('source', '')!r}): "
+                             f"tensor {j}.image_latent has shape {tuple(image_latent.shape)}, expected the latent's "
+                             f"{self.shapes[i]} (the VAE latent of the clip's first frame + grey frames)")
+        present = [(k, t) for k, t in (("latent", latent), ("text_emb", text_emb), ("image_emb", image_emb),
+                                       ("image_latent", image_latent)) if t is not None]
         if "crc32" in d:  # written since checksums were added; older shards are read unchecked
-            for name, t, crc in zip(("latent", "text_emb", "image_emb"), (latent, text_emb, image_emb), d["crc32"]):
-                if t is not None and tensor_crc32(t) != crc:
+            for (name, t), crc in zip(present, d["crc32"]):
+                if tensor_crc32(t) != crc:
                     raise _damaged(self.files[file_no], f"tensor {j}.{name} (sample {i}) fails its CRC-32 check")
-        for key, t in (("latent", latent), ("text_emb", text_emb), ("image_emb", image_emb)):
-            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        for key, t in present:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise BadSample(f"{self.files[file_no]}: sample {j} (dataset index {i}, source "
                                 f"{d.get('source', '')!r}) has {bad} NaN/Inf values in {j}.{key}; "
                                 f"re-encode that sample or remove its shard")
         return Sample(latent, text_emb, int(d["text_len"]), d["caption"], d["source"],
-                      float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})), image_emb)
+                      float(d["fps"]), list(d["frame_indices"]), dict(d.get("extra", {})), image_emb, image_latent)
 
     def locate(self, i: int) -> tuple[Path, int]:
         """(shard file, position in that file) of sample i, for error messages."""

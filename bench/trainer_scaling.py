@@ -62,9 +62,10 @@ def write_synthetic_shards(
     text_dim: int = 32,
     seed: int = 0,
     image_emb_shape: tuple[int, int] | None = None,
+    image_latent: bool = False,
 ) -> Path:
-    """Random latents + text embeddings (+ image embeddings of `image_emb_shape`, for I2V models) as
-    apt_core shards (for tests, CI and this benchmark)."""
+    """Random latents + text embeddings (+ image embeddings of `image_emb_shape` and, with `image_latent`, random
+    image latents shaped like the latents, for I2V models) as apt_core shards (for tests, CI and this benchmark)."""
     from apt_core.shards import ShardWriter
 
     g = torch.Generator().manual_seed(seed)
@@ -78,6 +79,7 @@ def write_synthetic_shards(
                 text_len=n,
                 source=f"synthetic/{i}",
                 image_emb=None if image_emb_shape is None else torch.randn(image_emb_shape, generator=g),
+                image_latent=torch.randn(latent_shape, generator=g) if image_latent else None,
             )
     return Path(out_dir)
 

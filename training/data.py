@@ -122,8 +122,16 @@ class ShardDataset(torch.utils.data.Dataset):
         reader, j = self.readers[k], i - self._offsets[k]
         sample = reader[j]
         path, pos = reader.locate(j)
-        sample.latent = self.scale.apply(sample.latent, f"{path}: sample {pos} (dataset index {i}, source {sample.source!r})")
+        where = f"{path}: sample {pos} (dataset index {i}, source {sample.source!r})"
+        sample.latent = self.scale.apply(sample.latent, where)
+        if sample.image_latent is not None:
+            sample.image_latent = self.scale.apply(sample.image_latent, f"{where} image_latent")
         return sample
+
+    def has_image_latent(self) -> bool:
+        """Whether the samples carry `image_latent` (Wan 2.1 I2V's image latent): every directory's first sample does
+        (read from its shard header, no tensors)."""
+        return len(self) > 0 and all(bool(r.info(0).get("image_latent")) for r in self.readers if len(r))
 
 
 @dataclass
@@ -137,6 +145,7 @@ class Batch:
     sources: list[str]
     indices: torch.Tensor  # dataset indices of the samples
     image_emb: torch.Tensor | None = None  # [B, N, E] when the shards hold image embeddings (I2V)
+    image_latent: torch.Tensor | None = None  # [B, C, F, H, W] when the shards hold Wan's I2V image latent
 
     def __len__(self) -> int:
         return self.latent.shape[0]
@@ -147,7 +156,8 @@ class Batch:
                      self.text_emb.to(device, dtype, non_blocking=non_blocking),
                      self.text_len.to(device, non_blocking=non_blocking), self.captions, self.sources,
                      self.indices.to(device, non_blocking=non_blocking),
-                     None if self.image_emb is None else self.image_emb.to(device, dtype, non_blocking=non_blocking))
+                     None if self.image_emb is None else self.image_emb.to(device, dtype, non_blocking=non_blocking),
+                     None if self.image_latent is None else self.image_latent.to(device, dtype, non_blocking=non_blocking))
 
 
 def collate(samples: Sequence[Sample], indices: Sequence[int] | None = None) -> Batch:
@@ -169,9 +179,13 @@ def collate(samples: Sequence[Sample], indices: Sequence[int] | None = None) -> 
     if len(has_image) != 1:
         raise ValueError("collate got samples with and without image_emb; one dataset needs one encoder setup")
     image = torch.stack([s.image_emb for s in samples]) if has_image == {True} else None
+    has_latent = {s.image_latent is not None for s in samples}
+    if len(has_latent) != 1:
+        raise ValueError("collate got samples with and without image_latent; one dataset needs one encoder setup")
+    image_latent = torch.stack([s.image_latent for s in samples]) if has_latent == {True} else None
     return Batch(torch.stack([s.latent for s in samples]), text,
                  torch.tensor([s.text_len for s in samples], dtype=torch.long),
-                 [s.caption for s in samples], [s.source for s in samples], idx, image)
+                 [s.caption for s in samples], [s.source for s in samples], idx, image, image_latent)
 
 
 class BucketedLoader:

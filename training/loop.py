@@ -22,6 +22,8 @@ import torch
 from apt_core.backbone import WanCond
 from apt_core.flow import generate_one_step
 from apt_core.models.io import load_state_dict_file
+from apt_core.models.registry import family_of_config
+from apt_core.models.wan import WanConfig
 from training import distributed as D
 from training.checkpoint import CheckpointManager, ObjectState, read_info, verify
 from training.config import ConfigError, RunConfig, dumps, save_config, set_arch
@@ -55,6 +57,7 @@ from training.runchecks import (  # noqa: F401
 )
 from training.runlock import run_lock
 from training.stages import (  # noqa: F401
+    IMAGE_LATENT_FALLBACK,
     STAGES,
     APTStage,
     CDStage,
@@ -70,6 +73,12 @@ from training.stop import StopRequest
 log = logging.getLogger(__name__)
 
 OnStep = Callable[[int, int, dict[str, float]], None]
+
+
+def _uses_image_latent_fallback(config: WanConfig, dataset: ShardDataset) -> bool:
+    """True for an image-conditioned family (Wan 2.1 I2V) trained on shards without `image_latent`."""
+    fam = family_of_config(config)
+    return fam is not None and fam.image_condition is not None and not dataset.has_image_latent()
 
 
 def _batches(loader: BucketedLoader, device: torch.device) -> Iterator[Batch]:
@@ -250,6 +259,7 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
         logger.event(at, "checkpoint", f"checkpoint saved: {path}", checkpoint=str(path))
         return path
 
+    said_fallback = False
     for i in range(k, len(phases)):
         phase = phases[i]
         stage.begin_phase(phase, first=i == k)
@@ -263,6 +273,9 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
             load_checkpoint(ckpt, start_path, state)
         if export_only:
             break
+        if not said_fallback and _uses_image_latent_fallback(config, dataset):
+            logger.event(step, "warning", IMAGE_LATENT_FALLBACK, phase=phase.name, data=str(phase.data))
+            said_fallback = True
         validator = make_validator(cfg, world, dataset, run_dir)
         batches = _batches(loader, world.device)
         logger.restart_clock(step)

@@ -2,7 +2,8 @@
 captions -> a shard directory for the trainer (docs/SHARDS.md), headless.
 
 Two encodings: pixel space (frames stored as [3, F, H, W] in [-1, 1], for tiny pixel models) unless
-`--vae` is given, then Wan 2.1 VAE latents (normalised with Wan's latent mean/std). Captions go through
+`--vae` is given, then Wan 2.1 VAE latents (normalised with Wan's latent mean/std); `--image-latent` adds
+Wan 2.1 I2V's image latent (the VAE latent of [first frame, mid-grey frames]) per clip. Captions go through
 umT5 (`--text-encoder` + `--tokenizer`) or, for tiny models, a fixed word-hash embedding of
 `--text-dim` columns. Bad files are skipped and named in the report (printed and saved as JSON);
 a re-run continues where an interrupted one stopped (files already in the shards are skipped); an
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file without caption: error = skip and report (default), empty = '', filename = its name")
     p.add_argument("--manifest", help="caption manifest (.jsonl/.csv); default: manifest.jsonl etc. in the input folder")
     p.add_argument("--vae", help="Wan 2.1 VAE .safetensors: store normalised latents instead of pixels")
+    p.add_argument("--image-latent", action="store_true",
+                   help="with --vae, for Wan 2.1 I2V: also store each clip's image latent, the VAE latent of [its first "
+                   "frame, mid-grey frames] as Wan encodes it (one more VAE pass per clip)")
     p.add_argument("--text-encoder", help="umT5 encoder .safetensors (Wan or Hugging Face key names)")
     p.add_argument("--tokenizer", help="umT5 sentencepiece model (spiece.model), needed with --text-encoder")
     p.add_argument("--text-dim", type=int, default=0,
@@ -126,6 +130,9 @@ def _check_args(args: argparse.Namespace) -> None:
                            f"(8x VAE downsampling, then the DiT's 2x2 patches)")
     if not args.vae and (args.size[0] % 2 or args.size[1] % 2):
         raise PrepareError(f"--size {args.size[0]}x{args.size[1]}: both sides must be even (the DiT's 2x2 patches)")
+    if args.image_latent and not args.vae:
+        raise PrepareError("--image-latent needs --vae (the image latent is the Wan 2.1 VAE's latent of the first frame "
+                           "followed by mid-grey frames)")
     if bool(args.text_encoder) != bool(args.tokenizer):
         raise PrepareError("--text-encoder and --tokenizer go together (umT5 weights and its spiece.model)")
     if not args.text_encoder and args.text_dim < 1:
@@ -151,11 +158,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_encoders(args: argparse.Namespace) -> tuple[Callable, Callable, dict[str, Any]]:
-    """(encode_frames, encode_text, dataset metadata) for the chosen encodings."""
+def make_encoders(args: argparse.Namespace) -> tuple[Callable, Callable, Callable | None, dict[str, Any]]:
+    """(encode_frames, encode_text, encode_image_latent or None, dataset metadata) for the chosen encodings."""
     device = _device(args.device)
     auto = args.compute_dtype == "auto"
     vae_dtype = torch.float32 if auto else STORE_DTYPES[args.compute_dtype]
+    encode_image_latent = None
     text_dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if auto else STORE_DTYPES[args.compute_dtype]
     meta: dict[str, Any] = {"producer": PRODUCER, "size": list(args.size), "num_frames": args.num_frames,
                             "fps": args.fps}
@@ -170,6 +178,12 @@ def make_encoders(args: argparse.Namespace) -> tuple[Callable, Callable, dict[st
 
         def encode_frames(frames: torch.Tensor) -> torch.Tensor:
             return vae.encode_frames(frames).to(store)
+
+        if args.image_latent:
+            meta.update(image_latent="wan2.1-i2v: VAE latent of [first frame, mid-grey frames]")
+
+            def encode_image_latent(frames: torch.Tensor) -> torch.Tensor:
+                return vae.encode_image_condition(frames).to(store)
     else:
         store = STORE_DTYPES["float16" if args.store_dtype == "auto" else args.store_dtype]
         meta.update(space="pixels", value_range=[-1, 1])
@@ -191,7 +205,7 @@ def make_encoders(args: argparse.Namespace) -> tuple[Callable, Callable, dict[st
     def encode_text(caption: str) -> torch.Tensor:
         return text(caption).to(store)
 
-    return encode_frames, encode_text, meta
+    return encode_frames, encode_text, encode_image_latent, meta
 
 
 def open_writer(out: Path, meta: dict[str, Any], args: argparse.Namespace):
@@ -248,7 +262,7 @@ def prepare(args: argparse.Namespace, on_item: Callable[[int], None] | None = No
         raise PrepareError(f"no usable media in {src}.\n{scan.summary()}\nAdd videos/images with captions "
                            "(manifest.jsonl or a .txt per file), or pass --caption-policy filename.")
     try:
-        encode_frames, encode_text, meta = make_encoders(args)
+        encode_frames, encode_text, encode_image_latent, meta = make_encoders(args)
     except (ValueError, KeyError, OSError) as e:  # weights / tokenizer that do not fit, named by the loaders
         raise PrepareError(str(e)) from e
     writer = open_writer(out, meta, args)
@@ -272,7 +286,8 @@ def prepare(args: argparse.Namespace, on_item: Callable[[int], None] | None = No
     try:
         with writer:
             clips = iter_decoded_parallel(todo, cfg, decode, args.num_workers)
-            written = encode_clips(clips, writer, encode_frames, encode_text, on_item=step)
+            written = encode_clips(clips, writer, encode_frames, encode_text, on_item=step,
+                                   encode_image_latent=encode_image_latent)
         finished = True
     finally:
         if bar is not None:

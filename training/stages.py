@@ -65,9 +65,17 @@ def plan_phases(cfg: RunConfig) -> list[Phase]:
 
 
 
+IMAGE_LATENT_FALLBACK = (
+    "the shards hold no image_latent, so the I2V image latent is each clip's first latent frame with zeros after it; "
+    "Wan 2.1 uses the VAE latent of [first frame, mid-grey frames], which is not zero there. Write the shards with "
+    "apt-prepare --vae ... --image-latent (or ShardWriter.add(..., image_latent=...)) to train on Wan's condition")
+
+
 def _cond(batch: Batch, config: WanConfig | None = None) -> WanCond:
     """Text context with rows past each sample's text_len zeroed (Wan pads with zeros); for a family with
-    an image condition (I2V) also the first frame: each clip's first latent frame + its image embedding."""
+    an image condition (I2V) also the first frame: the shards' image latent (Wan's: the VAE latent of
+    [first frame, grey frames]) or, without one, each clip's first latent frame (IMAGE_LATENT_FALLBACK), and
+    the image embedding."""
     ctx = batch.text_emb.float()
     mask = torch.arange(ctx.shape[1], device=ctx.device)[None, :] < batch.text_len.to(ctx.device)[:, None]
     cond = WanCond(ctx * mask[..., None])
@@ -76,7 +84,8 @@ def _cond(batch: Batch, config: WanConfig | None = None) -> WanCond:
         if batch.image_emb is None:
             raise ValueError(f"{fam.title} conditions on the first frame's image embedding, and these shards hold none "
                              "(write them with ShardWriter.add(..., image_emb=[tokens, dim]))")
-        cond.clip_fea, cond.y = fam.image_condition(batch.latent[:, :, :1].float(), batch.latent.shape[2], batch.image_emb.float())
+        image_latent = batch.image_latent if batch.image_latent is not None else batch.latent[:, :, :1]
+        cond.clip_fea, cond.y = fam.image_condition(image_latent.float(), batch.latent.shape[2], batch.image_emb.float())
     return cond
 
 

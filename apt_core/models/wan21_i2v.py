@@ -12,9 +12,10 @@ Condition (`image_condition`): as the public `WanI2V.generate`, the mask is 1 on
 (its 4 channels = the 4 pixel frames that latent frame stands for) and 0 after; the image latent is the
 VAE latent of [first frame, zero frames...] in pixel space [-1, 1] (zero = mid-grey; `condition_video`
 builds those pixels; ComfyUI's WanImageToVideo encodes the same, with 0.5 grey in its [0, 1] images).
-Callers with the VAE pass that whole latent. Its first latent frame is the first frame's own latent (the
-VAE is causal), so callers without the VAE (the headless trainer, which has each clip's latent from its
-shards) may pass that one frame: the later frames are then zero here, where Wan has the VAE latent of
+Callers with the VAE pass that whole latent (the headless trainer: the shards' `image_latent`, which
+`apt-prepare --image-latent` encodes with WanVAEEncoder.encode_image_condition). Its first latent frame is the
+first frame's own latent (the VAE is causal), so callers without it (the headless trainer on shards without
+`image_latent`) may pass that one frame: the later frames are then zero here, where Wan has the VAE latent of
 grey frames, which is not zero ((mu - mean) / std of grey frames; tests/apt_core/test_i2v.py).
 """
 

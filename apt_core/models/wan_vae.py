@@ -258,6 +258,15 @@ class WanVAEEncoder(nn.Module):
         x = frames.to(p.device).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0).to(p.dtype)
         return self.encode(x)[0].float().cpu()
 
+    def encode_image_condition(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [F, H, W, 3] -> Wan 2.1 I2V's image latent [z_dim, F', h, w] (float32): the normalised latent of
+        [first frame, F - 1 mid-grey frames] (apt_core.models.wan21_i2v.condition_video), as WanI2V.generate encodes."""
+        from apt_core.models.wan21_i2v import condition_video
+
+        p = next(self.parameters())
+        first = frames[:1].to(p.device).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0).to(p.dtype)
+        return self.encode(condition_video(first, frames.shape[0]))[0].float().cpu()
+
 
 _DOWN_KEY = re.compile(r"^encoder\.downsamples\.(\d+)\.")
 _ENCODER_PREFIXES = ("encoder.", "conv1.")

@@ -308,3 +308,85 @@ def test_byte_flipped_shard_is_named(tmp_path: Path) -> None:
         assert all(e.startswith(f"shard file {shard} is damaged: ") for e in errors)
         if where == "data":
             assert "fails its CRC-32 check" in errors[0]
+
+
+def _rewrite_shard(shard: Path, change) -> None:
+    """Rewrite a shard's tensors through `change(tensors)`, without the CRCs and sizes that would name the change."""
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(shard), framework="pt") as f:
+        header = f.metadata()
+    header["samples"] = json.dumps([{k: v for k, v in d.items() if k != "crc32"} for d in json.loads(header["samples"])])
+    tensors = load_file(shard)
+    change(tensors)
+    save_file(tensors, str(shard), metadata=header)
+    part = shard.parent / "dataset-00000.json"
+    index = json.loads(part.read_text())
+    index["shards"] = [{k: v for k, v in e.items() if k != "bytes"} for e in index["shards"]]
+    part.write_text(json.dumps(index))
+
+
+def _image_latent_shards(root: Path) -> list[Sample]:
+    samples = [make_sample(i) for i in range(3)]
+    for i, s in enumerate(samples):
+        s.image_latent = (s.latent.float() * 0.5 + i).to(s.latent.dtype)
+    with ShardWriter(root, META, samples_per_shard=3) as w:
+        for s in samples:
+            w.add_sample(s)
+    return samples
+
+
+def test_image_latent_round_trip_and_crc(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    # Wan 2.1 I2V's image latent: stored next to the latent (no image_emb needed), read back bit-exact, CRC-checked
+    samples = _image_latent_shards(tmp_path / "ok")
+    r = ShardReader(tmp_path / "ok")
+    for i, s in enumerate(samples):
+        got = r[i]
+        assert_same(got, s)
+        assert got.image_latent.dtype == s.latent.dtype and torch.equal(got.image_latent, s.image_latent)
+        assert got.image_emb is None and r.info(i)["image_latent"] is True
+    with ShardWriter(tmp_path / "plain", META) as w:
+        w.add_sample(make_sample(0))
+    assert ShardReader(tmp_path / "plain")[0].image_latent is None and "image_latent" not in ShardReader(tmp_path / "plain").info(0)
+    shard = tmp_path / "ok/shard-00000-000000.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(shard)
+    tensors["1.image_latent"][0, 0, 0, 0] += 1  # same size, other bytes: only the CRC can tell
+    save_file(tensors, str(shard), metadata=header)
+    with pytest.raises(ValueError, match=r"shard-00000-000000\.safetensors is damaged: tensor 1\.image_latent \(sample 1\) "
+                                         r"fails its CRC-32 check"):
+        ShardReader(tmp_path / "ok")[1]
+
+
+def test_image_latent_of_wrong_shape_or_not_finite_is_refused_by_file_and_sample(tmp_path: Path) -> None:
+    samples = _image_latent_shards(tmp_path / "shape")
+    _rewrite_shard(tmp_path / "shape/shard-00000-000000.safetensors",
+                   lambda t: t.__setitem__("2.image_latent", t["2.image_latent"][:, :1].contiguous()))
+    r = ShardReader(tmp_path / "shape")
+    assert torch.equal(r[1].image_latent, samples[1].image_latent)
+    with pytest.raises(ValueError, match=r"shard-00000-000000\.safetensors: sample 2 \(dataset index 2, source "
+                                         r"'/data/clip_2\.mp4'\): tensor 2\.image_latent has shape \(4, 1, 3, 5\), "
+                                         r"expected the latent's \(4, 2, 3, 5\)"):
+        r[2]
+    _image_latent_shards(tmp_path / "nan")
+    _rewrite_shard(tmp_path / "nan/shard-00000-000000.safetensors",
+                   lambda t: t["1.image_latent"].view(-1)[:3].fill_(float("inf")))
+    with pytest.raises(ValueError, match=r"shard-00000-000000\.safetensors: sample 1 \(dataset index 1, source "
+                                         r"'/data/clip_1\.mp4'\) has 3 NaN/Inf values in 1\.image_latent"):
+        ShardReader(tmp_path / "nan")[1]
+    # the writer refuses them up front, naming the sample
+    with ShardWriter(tmp_path / "w", META) as w:
+        s = make_sample(0)
+        with pytest.raises(ValueError, match=r"sample 0 \(source '/data/clip_0\.mp4'\): image_latent must be shaped like "
+                                             r"the latent \(4, 2, 3, 5\) with its dtype torch\.bfloat16, got shape \(4, 1, 3, 5\)"):
+            w.add(s.latent, s.text_emb, "x", source=s.source, image_latent=s.latent[:, :1])
+        with pytest.raises(ValueError, match="image_latent must be shaped like"):
+            w.add(s.latent, s.text_emb, "x", image_latent=s.latent.float())
+        bad = s.latent.clone()
+        bad[0, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="sample 0 .*image_latent has NaN/Inf"):
+            w.add(s.latent, s.text_emb, "x", image_latent=bad)
+        assert w.num_samples == 0

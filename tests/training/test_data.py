@@ -226,3 +226,32 @@ def test_uint8_latents_are_refused(tmp_path: Path) -> None:
     with ShardWriter(tmp_path / "n", norm) as w:  # normalised latents are the model's space: used as stored
         w.add(torch.full((4, 1, 2, 2), 2.5), torch.zeros(2, 3), "x")
     assert torch.equal(ShardDataset(tmp_path / "n")[0].latent, torch.full((4, 1, 2, 2), 2.5))
+
+
+def test_image_latents_are_batched_with_their_samples(tmp_path: Path) -> None:
+    # Wan 2.1 I2V's image latent (docs/SHARDS.md): batched row by row with the latents, moved with them, value-checked
+    with ShardWriter(tmp_path / "i2v", META, samples_per_shard=3) as w:
+        for n in range(5):
+            w.add(torch.full((4, 3, 2, 2), float(n), dtype=torch.bfloat16), torch.full((2, 3), float(n)), f"c{n}",
+                  image_latent=torch.full((4, 3, 2, 2), 100.0 + n, dtype=torch.bfloat16))
+    ds = ShardDataset(tmp_path / "i2v")
+    assert ds.has_image_latent()
+    loader = BucketedLoader(ds, batch_size=2, seed=3)
+    for _ in range(3):
+        b = next(loader)
+        assert b.image_latent.shape == b.latent.shape == (2, 4, 3, 2, 2) and b.image_latent.dtype == torch.bfloat16
+        for k, i in enumerate(b.indices.tolist()):
+            assert torch.all(b.latent[k] == i) and torch.all(b.image_latent[k] == 100 + i)
+        moved = b.to("cpu", torch.float32)
+        assert moved.image_latent.dtype == torch.float32 and torch.equal(moved.image_latent, b.image_latent.float())
+    plain = tmp_path / "plain"
+    write_dataset(plain, {(4, 3, 2, 2): 2})
+    assert not ShardDataset(plain).has_image_latent() and next(BucketedLoader(ShardDataset(plain), 2)).image_latent is None
+    with pytest.raises(ValueError, match="with and without image_latent"):
+        collate([ds[0], ShardDataset(plain)[0]])
+    assert not ShardDataset([tmp_path / "i2v", plain]).has_image_latent()  # one directory without: not all have it
+    with ShardWriter(tmp_path / "big", META) as w:  # corrupt (unnormalised) image latents are refused like latents
+        w.add(torch.zeros(4, 1, 2, 2), torch.zeros(2, 3), "x", source="clip.mp4", image_latent=torch.full((4, 1, 2, 2), 1e30))
+    with pytest.raises(ValueError, match=r"shard-00000-000000\.safetensors: sample 0 \(dataset index 0, source "
+                                         r"'clip\.mp4'\) image_latent has a value of magnitude 1e\+30"):
+        ShardDataset(tmp_path / "big")[0]

@@ -26,6 +26,23 @@ from training.loop import APTStage, _cond, original_weights, plan_phases, resolv
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_i2v_condition_uses_the_shards_image_latent(tmp_path):
+    # with image_latent in the shards (Wan's: the VAE latent of [first frame, grey frames]) y = mask + that latent,
+    # all frames of it, not the first-latent-frame fallback
+    data = write_synthetic_shards(tmp_path / "data", num=2, latent_shape=(16, 3, 4, 4), image_emb_shape=(257, 1280),
+                                  image_latent=True)
+    batch = collate([ShardDataset(data)[i] for i in range(2)])
+    assert batch.image_latent.shape == batch.latent.shape
+    cond = _cond(batch, get_config("tiny-i2v"))
+    assert torch.equal(cond.clip_fea, batch.image_emb) and cond.y.shape == (2, 20, 3, 4, 4)
+    assert torch.equal(cond.y[:, 4:], batch.image_latent)
+    assert torch.equal(cond.y[:, :4, 0], torch.ones(2, 4, 4, 4)) and cond.y[:, :4, 1:].abs().sum() == 0
+    batch.image_latent = None
+    fallback = _cond(batch, get_config("tiny-i2v"))
+    assert torch.equal(fallback.y[:, :4], cond.y[:, :4]) and not torch.equal(fallback.y[:, 4:], cond.y[:, 4:])
+    assert torch.equal(fallback.y[:, 4:, :1], batch.latent[:, :, :1]) and fallback.y[:, 4:, 1:].abs().sum() == 0
+
+
 def test_i2v_condition_comes_from_each_clips_first_frame(tmp_path):
     data = write_synthetic_shards(tmp_path / "data", num=2, latent_shape=(16, 3, 4, 4), image_emb_shape=(257, 1280))
     batch = collate([ShardDataset(data)[i] for i in range(2)])
@@ -39,7 +56,7 @@ def test_i2v_condition_comes_from_each_clips_first_frame(tmp_path):
               get_config("tiny-i2v"))
 
 
-def _headless(tmp_path: Path, data: Path, *overrides: str) -> list[dict]:
+def _headless(tmp_path: Path, data: Path, *overrides: str, events: list | None = None) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "training", "--config", str(ROOT / "configs/tiny_cpu.toml"),
                            f"--run.dir={tmp_path}", f"--data.path={data}", "--parallel.strategy=none", "--apt.image.steps=1",
@@ -47,17 +64,28 @@ def _headless(tmp_path: Path, data: Path, *overrides: str) -> list[dict]:
                            *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if events is not None:
+        events.extend(r for r in rows if "event" in r)
     return [r for r in rows if "event" not in r]
 
 
-@pytest.mark.parametrize("preset,latent,image_emb", [("tiny", (16, 2, 4, 4), None), ("tiny-ti2v", (48, 1, 4, 4), None),
-                                                     ("tiny-i2v", (16, 2, 4, 4), (257, 1280))])
-def test_tiny_headless_apt_run_per_family(tmp_path, preset, latent, image_emb):
+@pytest.mark.parametrize("preset,latent,image_emb,image_latent", [
+    ("tiny", (16, 2, 4, 4), None, False), ("tiny-ti2v", (48, 1, 4, 4), None, False),
+    ("tiny-i2v", (16, 2, 4, 4), (257, 1280), False), ("tiny-i2v", (16, 2, 4, 4), (257, 1280), True)])
+def test_tiny_headless_apt_run_per_family(tmp_path, preset, latent, image_emb, image_latent):
     # one per family with one file (Wan 2.1 T2V, Wan 2.2 TI2V-5B, Wan 2.1 I2V; the two-expert A14B below);
-    # tiny-i2v: the first frame (first latent frame + its CLIP image tokens from the shards) is the condition
-    data = write_synthetic_shards(tmp_path / "data", num=4, latent_shape=latent, image_emb_shape=image_emb)
-    rows = _headless(tmp_path / "run", data, f"--model.preset={preset}")
+    # tiny-i2v: the first frame (the shards' image latent, else the first latent frame, + its CLIP image tokens) is the
+    # condition; without image_latent the run says once that this differs from Wan
+    data = write_synthetic_shards(tmp_path / "data", num=4, latent_shape=latent, image_emb_shape=image_emb,
+                                  image_latent=image_latent)
+    events: list[dict] = []
+    rows = _headless(tmp_path / "run", data, f"--model.preset={preset}", events=events)
     assert [r["step"] for r in rows] == [1, 2]
+    fallback = [e for e in events if e["event"] == "warning" and "no image_latent" in e["message"]]
+    if preset == "tiny-i2v" and not image_latent:
+        assert len(fallback) == 1 and "mid-grey frames" in fallback[0]["message"] and fallback[0]["phase"] == "image"
+    else:
+        assert fallback == []
     assert all(np.isfinite(r[k]) for r in rows for k in ("d_loss", "g_loss"))
     gen = load_wan(tmp_path / "run/export/apt_generator.safetensors")
     assert gen.config == get_config(preset)

@@ -38,7 +38,7 @@ from apt_core.models.wan_vae import (
     load_wan_vae,
 )
 from apt_core.shards import ShardReader
-from training.data import BucketedLoader, ShardDataset
+from training.data import BucketedLoader, ShardDataset, collate
 from training.prepare import main, prepare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -399,3 +399,41 @@ def test_encoders_path_and_one_training_step(media, weights, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("step") == 1 for m in metrics)
+
+
+def test_image_latent_is_the_vae_latent_of_the_first_frame_and_grey_frames(media, weights, tmp_path, capsys):
+    """--image-latent: each sample's image_latent is the VAE's encoding of condition_video (first frame, then mid-grey)
+    of that clip, as Wan 2.1 I2V encodes it; it needs --vae, and an output made without it is not continued with it."""
+    from apt_core.media import DecodeConfig
+    from apt_core.media_scan import DecodeReport, iter_decoded, scan_media_folder
+    from apt_core.models.wan21_i2v import condition_video
+
+    out = tmp_path / "i2v"
+    args = [str(media), str(out), "--size", "32x32", "--num-frames", "5", "--fps", "8", "--vae", str(weights["vae"]),
+            "--text-dim", "32", "--text-len", "16", "--no-progress"]
+    assert main([*args, "--image-latent"]) == 0
+    reader = ShardReader(out, require_complete=True)
+    assert reader.metadata["image_latent"].startswith("wan2.1-i2v")
+    vae = load_wan_vae(weights["vae"]).eval()
+    items, _ = scan_media_folder(media.resolve(), "error")
+    clips = {str(c.item.path): c for c in iter_decoded(items, DecodeConfig(fps=8, num_frames=5, size=(32, 32)),
+                                                       DecodeReport(title="decode"))}
+    assert len(reader) == 4
+    for i in range(len(reader)):
+        s = reader[i]
+        frames = clips[s.source].frames
+        first = frames[:1].permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        want = vae.encode(condition_video(first, frames.shape[0]))[0]
+        assert s.image_latent.shape == s.latent.shape and s.image_latent.dtype == s.latent.dtype == torch.bfloat16
+        torch.testing.assert_close(s.image_latent.float(), want.to(torch.bfloat16).float(), rtol=0, atol=0)
+        torch.testing.assert_close(s.image_latent[:, :1], s.latent[:, :1], rtol=0, atol=0)  # causal: same first frame
+        if frames.shape[0] > 1:  # the grey frames' latent, not the clip's later frames nor zeros
+            assert (s.image_latent[:, 1:].float() - s.latent[:, 1:].float()).abs().max() > 1e-3
+            assert s.image_latent[:, 1:].float().abs().mean() > 0.1
+    batch = collate([ShardDataset(out)[i] for i in range(len(reader)) if reader.shapes[i][1] == 2])
+    assert batch.image_latent.shape == batch.latent.shape == (3, 16, 2, 4, 4)
+    # continuing that output without --image-latent is refused (other settings); --image-latent needs --vae
+    assert main(args) == 2
+    assert "image_latent: 'wan2.1-i2v" in capsys.readouterr().err
+    assert main([str(media), str(tmp_path / "px"), *PIXEL_ARGS, "--image-latent"]) == 2
+    assert "--image-latent needs --vae" in capsys.readouterr().err
