@@ -259,6 +259,27 @@ def effective_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[s
     return out
 
 
+def weights_fingerprint(model: Any, names: tuple[str, ...] = ("blocks.0.self_attn.q.weight", "head.head.weight")) -> str:
+    """A short hash of a few of the MODEL's effective weights (every patch applied, e.g. a LoRA): changes when
+    another model is loaded or the patches change (a retrained LoRA). Computes only those tensors."""
+    import hashlib
+
+    import comfy.lora
+
+    prefix, h = "diffusion_model.", hashlib.sha256()
+    patched = model.get_key_patches(prefix)
+    for name in names:
+        if prefix + name not in patched:
+            continue
+        weight, convert = patched[prefix + name][0]
+        w = convert(weight.to(device="cpu", dtype=torch.float32, copy=True), inplace=True)
+        if len(patched[prefix + name]) > 1:
+            w = comfy.lora.calculate_weight(patched[prefix + name][1:], w, prefix + name)
+        h.update(name.encode())
+        h.update(w.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_signature(model: Any) -> dict[str, tuple[int, ...]]:
     """Parameter names -> shapes of a MODEL's diffusion model (what 'the same architecture' means)."""
     return {k: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()}

@@ -39,6 +39,37 @@ def check_start(run_dir: Path, resume: bool) -> None:
                          "for a new run; to start over under this name, delete the folder yourself")
 
 
+INPUTS_FILE = "node_inputs.json"  # what the graph fed a node run: its MODELs' fingerprints, its dataset
+INPUT_NAMES = {"generator": "generator MODEL", "teacher": "teacher MODEL", "discriminator": "discriminator's MODEL",
+               "dataset": "dataset"}
+
+
+def check_inputs(run_dir: Path, inputs: dict[str, str]) -> None:
+    """Refuse to resume a run that the graph now feeds other inputs (another model or dataset): the run
+    continues from its checkpoint, so the new inputs would be ignored and the node would output the old
+    run's model. The inputs are recorded in <run_dir>/node_inputs.json (kept while the folder holds no
+    checkpoint, so a run that never saved one starts over freely); a folder without the file (a headless
+    run continued in the node) takes this graph's inputs."""
+    import json
+
+    from apt_core.fileio import atomic_write_text
+    from training.checkpoint import find_latest
+
+    path = Path(run_dir) / INPUTS_FILE
+    old = json.loads(path.read_text()) if path.is_file() and find_latest(run_dir) is not None else {}
+    changed = [k for k in inputs if k in old and old[k] != inputs[k]]
+    if changed:
+        what = ", ".join(f"{INPUT_NAMES.get(k, k)}" + (f" ({old[k]} there, {inputs[k]} now)" if k == "dataset" else "")
+                         for k in changed)
+        raise ValueError(f"run folder {run_dir} holds a run started from another {what} than this graph's: resuming "
+                         f"it would continue that run from its checkpoint and ignore the new input. Choose another "
+                         f"run_name for a run on this graph's inputs, connect the original ones, or delete {path} "
+                         "to continue the run anyway")
+    if old != inputs:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(inputs, indent=1, sort_keys=True) + "\n")
+
+
 def export_weights(run_dir: Path, stage: str, lora_rank: int) -> tuple[str, dict[str, torch.Tensor], dict]:
     """("lora" | "full", tensors, the export's metadata) of the run's final export in <run_dir>/export:
     the LoRA in ComfyUI keys when the run trained one, else the full weights in Wan keys."""

@@ -12,13 +12,11 @@ metrics.jsonl, samples/, export/; it resumes in the node or with python -m train
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from .comfy_backbone import check_model, conditioning_context, model_signature
+from .comfy_backbone import check_model, conditioning_context, model_signature, weights_fingerprint
 from .dataset import DATASET_TYPE
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 CATEGORY = "APT/training"
 DISC_TYPE = "APT_DISCRIMINATOR"
@@ -123,13 +121,23 @@ class APTConsistencyDistill:
 
         from .comfy_backbone import ComfyFlowModel
         from .comfy_env import compute_setup, free_vram
-        from .node_run import check_start, export_weights, history, model_source, report, run, write_tensors
+        from .node_run import (
+            check_inputs,
+            check_start,
+            export_weights,
+            history,
+            model_source,
+            report,
+            run,
+            write_tensors,
+        )
         from .plot import render_metrics
         from .run_config import node_run_config
 
         check_model(teacher)
         folder = run_dir(run_name)
         check_start(folder, resume)
+        check_inputs(folder, {"teacher": weights_fingerprint(teacher), "dataset": str(Path(dataset.path).resolve())})
         if cfg != 1.0 and negative is None:
             raise ValueError(f"cfg={cfg} needs a negative CONDITIONING (connect one, or set cfg to 1)")
         widgets = dict(iterations=iterations, lr=lr, batch_size=batch_size, grad_accum=grad_accum, cd_steps=cd_steps,
@@ -221,6 +229,7 @@ class APTTrain:
         from .comfy_backbone import check_latent, to_latent_space
         from .comfy_env import compute_setup, free_vram
         from .node_run import (
+            check_inputs,
             check_start,
             export_weights,
             history,
@@ -237,6 +246,8 @@ class APTTrain:
         discriminator.check_generator(generator)
         folder = run_dir(run_name)
         check_start(folder, resume)
+        check_inputs(folder, {"generator": weights_fingerprint(generator), "discriminator": weights_fingerprint(discriminator.model),
+                              "dataset": str(Path(dataset.path).resolve())})
         widgets = dict(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, r1_sigma=r1_sigma, r1_lambda=r1_lambda,
                        d_timestep_shift=d_timestep_shift, ema_decay=ema_decay, lora_rank=lora_rank, val_every=val_every,
                        val_seed=val_seed, seed=seed, precision=precision, gradient_checkpointing=gradient_checkpointing)

@@ -407,6 +407,28 @@ def test_headless_run_continues_in_the_node(comfy, dataset, tmp_path):
     assert (run / "checkpoints" / "step-4" / "COMPLETE").is_file()
 
 
+def test_resume_refuses_a_run_of_another_model_or_dataset(comfy, dataset):
+    """With resume on (the bundled workflows' default, with fixed run_names), a graph that now feeds another
+    model or dataset must not silently get the old run's model ("already complete") or continue it: refused,
+    naming the input; the same inputs still resume."""
+    from bench.trainer_scaling import write_synthetic_shards
+
+    name, run = f"{RUN}-inputs", comfy.output / "apt" / "runs" / f"{RUN}-inputs"
+    comfy.run(train_graph(name, 1, True))
+    other_model = train_graph(name, 1, True)
+    other_model["h"] = {"class_type": "UNETLoader", "inputs": {"unet_name": A14B_HIGH, "weight_dtype": "default"}}  # same shapes
+    other_model["t"]["inputs"]["generator"] = ["h", 0]
+    entry = comfy.wait(comfy.submit(other_model), 300)
+    assert entry["status"]["status_str"] == "error" and "started from another generator MODEL than this graph's" in error_of(entry)
+    write_synthetic_shards(comfy.output / "apt" / "datasets" / f"{RUN}-other", num=2, latent_shape=(16, 2, 4, 4), text_len=16, text_dim=4096)
+    other_data = train_graph(name, 1, True)
+    other_data["d"]["inputs"]["path"] = f"apt/datasets/{RUN}-other"
+    entry = comfy.wait(comfy.submit(other_data), 300)
+    assert entry["status"]["status_str"] == "error" and f"another dataset ({comfy.output / 'apt' / 'datasets' / RUN} there" in error_of(entry)
+    report = "\n".join(texts(comfy.run(train_graph(name, 2, True))))
+    assert "APT: 2 steps" in report and [r["step"] for r in metric_rows(run)] == [1, 2]
+
+
 def test_one_step_sampling_wan22_a14b_experts(comfy):
     # each A14B expert is its own WAN21 t2v file: the high-noise one (G's and by default D's init) samples in one
     # step, and the low-noise one loads as a MODEL too; the two stand-ins have other random weights

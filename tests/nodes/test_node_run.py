@@ -20,6 +20,7 @@ from apt_core.models.io import save_wan
 from apt_core.models.wan import get_config
 from bench.trainer_scaling import write_synthetic_shards
 from nodes.node_run import (
+    check_inputs,
     check_start,
     export_weights,
     history,
@@ -179,6 +180,25 @@ def test_the_reports_headless_command_runs_verbatim_in_a_shell(tmp_path):
     command = text.split(" with: ", 1)[1].rsplit("; last ", 1)[0]
     assert shlex.split(command) == ["cd", str(ROOT), "&&", sys.executable, "-m", "training", "--resume", str(folder),
                                     "--apt.image.steps=6"]
+
+
+def test_a_run_refuses_to_resume_on_other_inputs(env, files, tmp_path):
+    """node_inputs.json: once the run holds a checkpoint, another model or dataset is refused (resuming would
+    ignore it and output the old run's model); before that a new start takes the new inputs."""
+    folder = tmp_path / "run"
+    inputs = {"generator": "g1", "discriminator": "d1", "dataset": str(files["data"])}
+    check_inputs(folder, {**inputs, "generator": "g0"})
+    check_inputs(folder, inputs)  # no checkpoint yet: a new start, whatever was recorded
+    train(apt_config(files, folder, steps=1), models=MemorySource(TINY, lambda: dict(files["sd"])))
+    check_inputs(folder, inputs)  # the same inputs resume
+    with pytest.raises(ValueError, match=f"run folder {folder} holds a run started from another generator MODEL than this graph's"):
+        check_inputs(folder, {**inputs, "generator": "g2"})
+    with pytest.raises(ValueError, match=f"another dataset \\({files['data']} there, /elsewhere now\\).*another run_name"):
+        check_inputs(folder, {**inputs, "dataset": "/elsewhere"})
+    (folder / "node_inputs.json").unlink()  # the way out the message names: the folder takes this graph's inputs
+    check_inputs(folder, {**inputs, "generator": "g2"})
+    with pytest.raises(ValueError, match="another generator MODEL"):
+        check_inputs(folder, inputs)
 
 
 def test_start_checks_protect_the_folder(tmp_path):
