@@ -153,7 +153,20 @@ class Stage:
         return EMA(self.generator, decay) if decay > 0 else None
 
 
-class TeacherStage(Stage):
+class GeneratorOnlyStage(Stage):
+    """A stage that trains the generator alone with one optimiser `opt` (teacher, cd)."""
+
+    opt: torch.optim.Optimizer
+
+    def state(self) -> dict[str, Any]:
+        s = {"generator": ModelOptimState(self.generator, self.opt)}
+        return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"lr": self.opt}
+
+
+class TeacherStage(GeneratorOnlyStage):
     """Flow matching: `MSE(v(x_t, t, c), eps - x0)` with logit-normal / shifted / uniform t."""
 
     export_name = "teacher"
@@ -164,13 +177,6 @@ class TeacherStage(Stage):
         self.generator = build_flow(c, self.world, self.config, self.models, "generator", bool(c.model.lora_rank), True)
         self.opt = torch.optim.AdamW(self._trainable(self.generator), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.ema = self._ema(t.ema_decay)
-
-    def state(self) -> dict[str, Any]:
-        s = {"generator": ModelOptimState(self.generator, self.opt)}
-        return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"lr": self.opt}
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         t_cfg, dev = self.cfg.teacher, self.world.device
@@ -202,7 +208,7 @@ class TeacherStage(Stage):
         return {"loss": total / accum, "grad_norm": norm.detach()}
 
 
-class CDStage(Stage):
+class CDStage(GeneratorOnlyStage):
     """Consistency distillation of the frozen diffusion model into a one-step student (CDTrainer)."""
 
     export_name = "cd_student"
@@ -220,13 +226,6 @@ class CDStage(Stage):
         self.neg = None
         if cd.cfg_scale != 1.0:
             self.neg = load_state_dict_file(cd.negative_embedding)["context"].float() if cd.negative_embedding else None
-
-    def state(self) -> dict[str, Any]:
-        s = {"generator": ModelOptimState(self.generator, self.opt)}
-        return s | ({"ema": ObjectState(self.ema)} if self.ema else {})
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"lr": self.opt}
 
     def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
         dev, idx, n = self.world.device, self._idx(batch), self.cfg.cd.grid_steps

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from apt_core.backbone import build_flow_model
 from apt_core.lora import inject_lora
 from apt_core.models.io import save_wan
 from bench.trainer_scaling import write_synthetic_shards
+from tests.training.single_process import single_process_env
 from training.__main__ import main
 from training.checkpoint import verify
 from training.config import ConfigError, load_config
@@ -30,16 +30,8 @@ TINY = ROOT / "configs/tiny_cpu.toml"
 TEACHER = ["--run.stage=teacher", "--monitor.val_every=0", "--monitor.log_every=1", "--checkpoint.keep=0"]
 
 
-def _env(monkeypatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-
-
 def _train(monkeypatch, *overrides: str, resume: bool | str = False) -> dict:
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     ok = False
     try:
         result = train(load_config(TINY, list(overrides)), resume=resume)
@@ -95,7 +87,7 @@ def test_bad_paths_fail_before_any_model_is_built(monkeypatch, files, tmp_path, 
 
 
 def test_cli_reports_a_bad_path_as_a_config_error(monkeypatch, files, tmp_path, capsys):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     code = main(["--config", str(TINY), f"--run.dir={tmp_path / 'run'}", f"--data.path={files['data']}",
                  f"--apt.video.data={tmp_path / 'typo'}"])
     err = capsys.readouterr().err
@@ -146,7 +138,7 @@ def test_finished_run_says_so_and_more_steps_train_on(monkeypatch, files, tmp_pa
                                           r"run, raise run.steps \(with --overwrite to replace its export\) to train "
                                           r"on, or --export-only"):
         _train(monkeypatch, *args, "--run.steps=2")
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     assert main(["--config", str(TINY), *args, "--run.steps=2"]) == 1
     assert "already complete at step 2" in capsys.readouterr().err
     more = _train(monkeypatch, *args, "--run.steps=3", "--export.overwrite=true")

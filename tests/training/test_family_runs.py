@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from apt_core.backbone import build_flow_model
 from apt_core.models.io import load_state_dict_file, load_wan, save_wan
 from apt_core.models.wan import get_config
 from bench.trainer_scaling import write_synthetic_shards
+from tests.training.single_process import single_process_env
 from training.config import ConfigError, load_config
 from training.data import ShardDataset, collate
 from training.distributed import destroy, init_distributed
@@ -115,18 +115,10 @@ def _expert_files(experts) -> str:
     return f'--model.expert_files=["high_noise={experts["high_noise"]}", "low_noise={experts["low_noise"]}"]'
 
 
-def _env(monkeypatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-
-
 @pytest.mark.parametrize("d_expert", ["", "low_noise"])
 def test_a14b_generator_and_discriminator_start_from_their_expert_files(monkeypatch, experts, tmp_path, d_expert):
     # default: both from the high-noise expert (t = 1 and most shifted D times lie in [0.875, 1]); D configurable
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     overrides = [f"--run.dir={tmp_path}", f"--data.path={experts['data']}", "--model.preset=tiny-a14b", _expert_files(experts),
                  "--parallel.strategy=none"]
     cfg = load_config(ROOT / "configs/tiny_cpu.toml", overrides + ([f"--model.discriminator_expert={d_expert}"] if d_expert else []))

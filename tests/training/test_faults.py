@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from apt_core.shards import BadSample, ShardWriter
 from bench.trainer_scaling import write_synthetic_shards
+from tests.training.single_process import single_process_env
 from training.checkpoint import COMPLETE, CheckpointManager, ModelOptimState
 from training.config import load_config
 from training.distributed import destroy, init_distributed
@@ -41,20 +42,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TEACHER = ["--run.stage=teacher", "--monitor.val_every=0", "--monitor.log_every=1", "--export.dtype=fp32"]
 
 
-def _env(monkeypatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-
-
 @pytest.fixture
 def run(monkeypatch):
     """`run(*overrides, export_only=False, resume=False)`: train() the tiny config in this process."""
 
     def go(*overrides: str, export_only: bool = False, resume: bool | str = False):
-        _env(monkeypatch)
+        single_process_env(monkeypatch)
         cfg = load_config(ROOT / "configs/tiny_cpu.toml", list(overrides))
         ok = False
         try:
@@ -122,7 +115,7 @@ def test_divergence_stops_before_saving_and_logs_null(run, data, tmp_path):
 
 
 def test_metrics_logger_keeps_nan_as_null_and_on_the_console(monkeypatch, tmp_path, capsys):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     world = init_distributed("cpu", "gloo")
     try:
         logger = MetricsLogger(tmp_path, world, total_steps=2, log_every=2, progress=True)
@@ -139,7 +132,7 @@ def test_metrics_logger_keeps_nan_as_null_and_on_the_console(monkeypatch, tmp_pa
 
 
 def test_weights_checked_by_name_and_validation_warns(monkeypatch, data, tmp_path):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     cfg = load_config(ROOT / "configs/tiny_cpu.toml", [*TEACHER, f"--run.dir={tmp_path}", f"--data.path={data}",
                                                       "--teacher.ema_decay=0.5", "--monitor.val_every=1"])
     world = init_distributed("cpu", "gloo")
@@ -170,7 +163,7 @@ def test_weights_checked_by_name_and_validation_warns(monkeypatch, data, tmp_pat
 
 
 def test_pruning_keeps_the_newest_finite_checkpoint(monkeypatch, tmp_path):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     world = init_distributed("cpu", "gloo")
     try:
         model = nn.Linear(3, 2)
@@ -252,7 +245,7 @@ def test_resume_with_another_preset_names_the_setting(run, data, tmp_path):
 
 
 def test_run_lock_in_process(monkeypatch, tmp_path):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     world = init_distributed("cpu", "gloo")
     try:
         with run_lock(tmp_path, world):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -25,6 +24,7 @@ from apt_core.models.io import load_state_dict_file, save_wan
 from apt_core.sfv import SFVDiscriminator
 from apt_core.shards import ShardWriter
 from bench.trainer_scaling import write_synthetic_shards
+from tests.training.single_process import single_process_env
 from training.config import load_config
 from training.data import BucketedLoader, ShardDataset
 from training.distributed import World, destroy, init_distributed
@@ -34,20 +34,12 @@ from training.monitor import CollapseDetector, MetricsLogger, pairwise_distance,
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _env(monkeypatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-
-
 @pytest.fixture
 def run(monkeypatch):
     """`run(*overrides)`: train() the tiny config in this process; returns (result, metric rows, events)."""
 
     def go(*overrides: str):
-        _env(monkeypatch)
+        single_process_env(monkeypatch)
         cfg = load_config(ROOT / "configs/tiny_cpu.toml", ["--monitor.log_every=1", "--checkpoint.every=0", *overrides])
         try:
             result = train(cfg)
@@ -104,7 +96,7 @@ def test_cd_stage_with_cfg(run, files, tmp_path):
 
 
 def test_apt_video_phase_starts_from_image_ema_and_original_discriminator(monkeypatch, files, tmp_path):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     cfg = load_config(ROOT / "configs/tiny_cpu.toml", [f"--run.dir={tmp_path}", f"--data.path={files['data']}",
                                                       f"--model.init_from={files['base']}", "--apt.ema_decay=0.5"])
     world = init_distributed("cpu", "gloo")
@@ -144,7 +136,7 @@ def test_apt_video_phase_starts_from_image_ema_and_original_discriminator(monkey
 
 def test_sfv_discriminator_stage_trains_heads_only_on_a_frozen_half(monkeypatch, files, tmp_path):
     # apt.disc_kind = "sfv" under FSDP2 (approximated R1): D = the ORIGINAL weights' first block, frozen, + heads
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     cfg = load_config(ROOT / "configs/tiny_cpu.toml", [f"--run.dir={tmp_path}", f"--data.path={files['data']}",
                                                       f"--model.init_from={files['base']}", "--apt.disc_kind=sfv",
                                                       "--apt.loss=hinge", "--apt.sfv.p_mean=-0.5"])
@@ -215,7 +207,7 @@ def test_export_only_from_checkpoint(run, monkeypatch, files, tmp_path):
     result, _, _ = run(*args)
     first = load_file(result["export"]["model"])
     Path(result["export"]["model"]).unlink()
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     try:
         again = train(load_config(ROOT / "configs/tiny_cpu.toml", args), export_only=True)
     finally:
@@ -226,7 +218,7 @@ def test_export_only_from_checkpoint(run, monkeypatch, files, tmp_path):
 
 
 def test_resume_flag_without_checkpoint_fails(monkeypatch, files, tmp_path):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     cfg = load_config(ROOT / "configs/tiny_cpu.toml", [f"--run.dir={tmp_path}", f"--data.path={files['data']}"])
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         try:
@@ -241,7 +233,7 @@ def test_resume_flag_without_checkpoint_fails(monkeypatch, files, tmp_path):
 
 
 def test_metrics_logger_buffers_and_writes_every_step(monkeypatch, tmp_path):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     world = init_distributed("cpu", "gloo")
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from apt_core.lora import inject_lora
 from apt_core.models.io import save_wan
 from apt_core.models.wan import WanConfig, get_config
 from bench.trainer_scaling import write_synthetic_shards
+from tests.training.single_process import single_process_env
 from training.config import ConfigError, load_config, set_arch
 from training.distributed import destroy
 from training.loop import train
@@ -36,14 +36,6 @@ from training.stop import StopRequest
 ROOT = Path(__file__).resolve().parents[2]
 # a stand-in that matches no preset (as a tiny ComfyUI model would): only [model.arch] can rebuild it
 ODD = WanConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32, text_len=16, freq_dim=64)
-
-
-def _env(monkeypatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
 
 
 def _weights(config: WanConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -70,7 +62,7 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 def _run(monkeypatch, cfg, **kw) -> dict:
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     try:
         return train(cfg, **kw)
     finally:
@@ -176,7 +168,7 @@ def test_cli_refuses_a_caller_run_it_cannot_rebuild(monkeypatch, files, tmp_path
     from training.__main__ import main
 
     run_dir = _caller_run(monkeypatch, tmp_path, files)
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     try:  # the video phase would build a fresh D from the ORIGINAL weights, which only the caller had
         with pytest.raises(ConfigError, match=r"apt video phase builds a fresh D .* apt.video.steps = 0"):
             train(load_config(run_dir / "config.toml", ["--apt.video.steps=2"]))
@@ -184,7 +176,7 @@ def test_cli_refuses_a_caller_run_it_cannot_rebuild(monkeypatch, files, tmp_path
         destroy()
     empty = tmp_path / "empty"
     cfg = load_config(run_dir / "config.toml", [f"--run.dir={empty}"])
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     try:
         with pytest.raises(ConfigError, match="no checkpoint to take them from"):
             train(cfg)
@@ -195,7 +187,7 @@ def test_cli_refuses_a_caller_run_it_cannot_rebuild(monkeypatch, files, tmp_path
 
 
 def test_train_twice_in_a_worker_thread(monkeypatch, files, tmp_path):
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     cfg = _cfg(tmp_path, f"--data.path={files['data']}", f"--model.init_from={files['base']}", "--apt.image.steps=2",
                "--apt.video.steps=0", "--export.overwrite=true")
     more = dataclasses.replace(cfg, apt=dataclasses.replace(cfg.apt, image=dataclasses.replace(cfg.apt.image, steps=3)))
@@ -285,7 +277,7 @@ def test_bf16_frozen_weights_train_and_round_trip_a_checkpoint(monkeypatch, file
     from training.distributed import init_distributed
     from training.loop import APTStage, plan_phases, resolve_wan_config
 
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     cfg = _cfg(tmp_path, f"--data.path={files['data']}", f"--model.init_from={files['base']}", "--model.lora_rank=4",
                "--apt.disc_mode=lora", "--parallel.strategy=none", "--apt.video.steps=0")
     world = init_distributed("cpu", "gloo")
@@ -325,7 +317,7 @@ def test_frozen_weights_are_allocated_and_loaded_in_bf16_on_one_process(monkeypa
     from training.parallelize import parallelize
 
     cfg = load_config(None, ["--data.path=x", "--parallel.strategy=none", "--parallel.mixed_precision=bf16"])
-    _env(monkeypatch)
+    single_process_env(monkeypatch)
     world = init_distributed("cpu", "gloo")
     try:
         with torch.device("meta"):
