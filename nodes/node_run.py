@@ -70,6 +70,23 @@ def check_inputs(run_dir: Path, inputs: dict[str, str]) -> None:
         atomic_write_text(path, json.dumps(inputs, indent=1, sort_keys=True) + "\n")
 
 
+def with_run_checkpoints(cfg: Any) -> Any:
+    """`cfg` with the checkpoint settings (every, keep) of the run it continues, if its folder holds one: a
+    headless run continued in the node keeps its own (e.g. keep = 0, every checkpoint kept) rather than the
+    node's last-2 default, which would delete its older checkpoints."""
+    import dataclasses
+
+    from training.checkpoint import find_latest
+    from training.config import tomllib
+
+    path = Path(cfg.run.dir) / "config.toml"
+    if find_latest(cfg.run.dir) is None or not path.is_file():
+        return cfg
+    old = tomllib.loads(path.read_text()).get("checkpoint", {})
+    kept = {k: old[k] for k in ("every", "keep") if isinstance(old.get(k), int)}
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, **kept)) if kept else cfg
+
+
 def export_weights(run_dir: Path, stage: str, lora_rank: int) -> tuple[str, dict[str, torch.Tensor], dict]:
     """("lora" | "full", tensors, the export's metadata) of the run's final export in <run_dir>/export:
     the LoRA in ComfyUI keys when the run trained one, else the full weights in Wan keys."""
@@ -208,6 +225,7 @@ def run(cfg: Any, models: Any, title: str) -> tuple[dict | None, bool]:
 
     from .comfy_env import training_mode
 
+    cfg = with_run_checkpoints(cfg)
     total = cfg.run.steps if cfg.run.stage != "apt" else cfg.apt.image.steps + cfg.apt.video.steps
     on_step, stop = progress_and_stop(total)
     log.info("APT %s: training to step %d (run folder: %s)", cfg.run.stage, total, cfg.run.dir)

@@ -397,6 +397,7 @@ def test_headless_run_continues_in_the_node(comfy, dataset, tmp_path):
     disc = {**NODE_DISC, "head_layers": []}
     cfg = node_run_config("apt", widgets, str(comfy.output / "apt" / "datasets" / RUN), str(run), disc,
                           {"init_from": str(tiny_file())}, device="cpu")
+    cfg.checkpoint.every, cfg.checkpoint.keep = 1, 0  # a headless run that keeps every checkpoint
     headless("--config", str(save_config(cfg, tmp_path / "cluster.toml")))
     assert [r["step"] for r in metric_rows(run)] == [1, 2]
     entry = comfy.run(train_graph(str(run), 4, True))
@@ -404,7 +405,8 @@ def test_headless_run_continues_in_the_node(comfy, dataset, tmp_path):
     resumed = [e for e in lines(run) if e.get("event") == "resume"]
     assert resumed and resumed[-1]["checkpoint"] == str(run / "checkpoints" / "step-2")
     assert [r["step"] for r in metric_rows(run)] == [1, 2, 3, 4]
-    assert (run / "checkpoints" / "step-4" / "COMPLETE").is_file()
+    # the node kept the run's own checkpoint settings: none of its checkpoints deleted (the node's default keeps 2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3", "step-4"]
 
 
 def test_resume_refuses_a_run_of_another_model_or_dataset(comfy, dataset):
