@@ -133,8 +133,20 @@ def report(title: str, step: int, run_dir: Path, curves: dict[str, list[tuple[in
     """The node's report: steps, run folder, how to continue headless, the last value of each curve."""
     last = ", ".join(f"{k}={v[-1][1]:.4g}" for k, v in curves.items())
     teacher = " (replace TEACHER_WEIGHTS.safetensors by the teacher's weights file)" if stage == "cd" else ""
-    return (f"{title}: {step} steps, run folder {run_dir}{note}; continue headless (here to {2 * step} steps{teacher}) with: "
+    text = (f"{title}: {step} steps, run folder {run_dir}{note}; continue headless (here to {2 * step} steps{teacher}) with: "
             f"{headless_command(run_dir, step, stage)}; last {last}")
+    warned = run_warnings(run_dir)
+    if warned:  # the runner's warnings (D winning, mode collapse, divergence) reach the console only otherwise
+        text += f"\n{len(warned)} warning(s) in metrics.jsonl, the last: " + in_node_terms(warned[-1])
+    return text
+
+
+def run_warnings(run_dir: Path) -> list[str]:
+    """The runner's warning events of the run ("step N: message"), from its metrics.jsonl."""
+    from .plot import read_metrics
+
+    return [f"step {r.get('step')}: {r.get('message')}" for r in read_metrics(Path(run_dir) / "metrics.jsonl")
+            if r.get("event") == "warning"]
 
 
 def headless_command(run_dir: Path, step: int, stage: str = "apt") -> str:
@@ -150,8 +162,21 @@ def headless_command(run_dir: Path, step: int, stage: str = "apt") -> str:
 
 
 def in_node_terms(message: str) -> str:
-    """A runner message in the node's words: its run dir is the node's run_name."""
-    return message.replace("another --run.dir", "another run_name").replace("--run.dir=<new dir>", "another run_name")
+    """A runner message in the node's words: its run dir is the node's run_name, a config key the widget
+    that sets it (e.g. "apt.lr (APT Train widget 'lr')")."""
+    import re
+
+    from .run_config import WIDGET_OF_KEY
+
+    for old in ("another --run.dir", "--run.dir=<new dir>", "another run.dir"):
+        message = message.replace(old, "another run_name")
+
+    def widget(m: re.Match) -> str:
+        node, name = WIDGET_OF_KEY[m.group(0)]
+        return f"{m.group(0)} ({node + ' ' if node else ''}widget {name!r})"
+
+    keys = "|".join(re.escape(k) for k in sorted(WIDGET_OF_KEY, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.-])(?:{keys})(?![\w.])", widget, message)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:

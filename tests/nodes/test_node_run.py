@@ -148,7 +148,7 @@ def test_a_changed_lora_rank_is_refused_in_the_nodes_words(env, files, tmp_path)
     with pytest.raises(ResumeMismatch) as e:
         train(apt_config(files, folder, lora_rank=8, steps=3), models=MemorySource(TINY, lambda: dict(files["sd"])))
     text = in_node_terms(str(e.value))
-    assert "model.lora_rank = 4 there, 8 now" in text and "another run_name" in text and "--run.dir" not in text
+    assert "model.lora_rank (widget 'lora_rank') = 4 there, 8 now" in text and "another run_name" in text and "--run.dir" not in text
 
 
 def test_consistency_distill_with_the_nodes_negative_prompt_file(env, files, tmp_path):
@@ -199,6 +199,18 @@ def test_a_run_refuses_to_resume_on_other_inputs(env, files, tmp_path):
     check_inputs(folder, {**inputs, "generator": "g2"})
     with pytest.raises(ValueError, match="another generator MODEL"):
         check_inputs(folder, inputs)
+
+
+def test_the_report_shows_the_runs_warnings(env, files, tmp_path):
+    """The runner's warnings (here: D winning, with a floor every D loss is under) reach the node's report,
+    not only ComfyUI's console."""
+    folder = tmp_path / "run"
+    cfg = apt_config(files, folder)
+    cfg.monitor.collapse_window, cfg.monitor.d_loss_floor = 1, 1e9
+    train(cfg, models=MemorySource(TINY, lambda: dict(files["sd"])))
+    text = report("APT", 2, folder, history(folder))
+    assert "\n2 warning(s) in metrics.jsonl, the last: step 2: D loss below 1000000000.0 for 1 steps" in text, text
+    assert "raise apt.r1_lambda (APT Train widget 'r1_lambda'), lower apt.lr (APT Train widget 'lr')" in text  # in widget names
 
 
 def test_start_checks_protect_the_folder(tmp_path):
