@@ -3,7 +3,8 @@
 APTSaveGenerator writes either a full checkpoint in Wan keys into models/diffusion_models (loads with
 'Load Diffusion Model' / UNETLoader) or the trained LoRA in ComfyUI-native keys into models/loras
 (loads with LoraLoaderModelOnly on the base model, every key used). It never overwrites a file
-unless `overwrite` is on. APTExportTrainConfig reads the APT nodes of the queued graph (hidden input
+unless `overwrite` is on (a file that already holds exactly these weights is left as it is: a
+re-queued training graph saves again without an error). APTExportTrainConfig reads the APT nodes of the queued graph (hidden input
 PROMPT) and writes the headless trainer's TOML (training/config.py), so a run designed on one GPU
 continues on a cluster with `python -m training --config FILE`.
 """
@@ -79,16 +80,43 @@ class APTSaveGenerator:
         check_model(model)
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         path = target_path(format, filename)
-        refuse_overwrite(path, overwrite, "turn on 'overwrite'")  # before the (slow) weight export
+        info = apt_weights(model).info if apt_weights(model) else {}
+        meta = {"apt.format": format, **{f"apt.{k}": str(v) for k, v in info.items()}}
+        if not overwrite and (not path.exists() or not same_metadata(path, meta)):
+            refuse_overwrite(path, overwrite, "turn on 'overwrite'")  # before the (slow) weight export
         if format == "lora":
             sd = {k: v.to(dt) if k.endswith(".weight") else v.float() for k, v in lora_for_saving(model).items()}
         else:
             sd = effective_state_dict(model, dt)
-        info = apt_weights(model).info if apt_weights(model) else {}
-        meta = {"apt.format": format, **{f"apt.{k}": str(v) for k, v in info.items()}}
+        if not overwrite and path.exists():  # the same run's weights (a re-queued graph after a restart): done already
+            if not same_tensors(path, sd):
+                refuse_overwrite(path, overwrite, "turn on 'overwrite'")
+            text = f"{path} already holds this {format} ({len(sd)} tensors, {dtype}): left as it is"
+            return {"ui": {"text": [text]}, "result": (str(path),)}
         save_state_dict_file(sd, path, metadata=meta, overwrite=overwrite)
         text = f"saved {format} ({len(sd)} tensors, {dtype}) to {path}"
         return {"ui": {"text": [text]}, "result": (str(path),)}
+
+
+def same_metadata(path: Path, meta: dict[str, str]) -> bool:
+    """Whether the safetensors file at `path` carries exactly these apt.* metadata (format, stage, steps)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = f.metadata() or {}
+    except Exception:  # not a safetensors file: another file, never replaced without 'overwrite'
+        return False
+    return {k: v for k, v in found.items() if k.startswith("apt.")} == meta
+
+
+def same_tensors(path: Path, sd: dict) -> bool:
+    """Whether the file at `path` holds exactly these tensors (names, dtypes, values)."""
+    import torch
+    from safetensors.torch import load_file
+
+    old = load_file(str(path))
+    return old.keys() == sd.keys() and all(old[k].dtype == v.dtype and torch.equal(old[k], v.cpu()) for k, v in sd.items())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -431,6 +431,27 @@ def test_resume_refuses_a_run_of_another_model_or_dataset(comfy, dataset):
     assert "APT: 2 steps" in report and [r["step"] for r in metric_rows(run)] == [1, 2]
 
 
+def test_requeue_after_a_cache_reset_saves_without_an_error(comfy, dataset):
+    """The bundled training workflows save with overwrite off. Queued again after ComfyUI forgot its cache (a
+    restart), the finished run outputs the same weights: APT Save Generator leaves the identical file as it
+    is instead of failing; weights of more steps are still refused."""
+    name = f"{RUN}-requeue"
+    graph = train_graph(name, 1, True, save=f"apt_test/{RUN}/requeue")
+    graph["s"]["inputs"]["overwrite"] = False
+    assert "saved full" in "\n".join(texts(comfy.run(graph)))
+    path = comfy.dir / "models" / "diffusion_models" / "apt_test" / RUN / "requeue.safetensors"
+    mtime = path.stat().st_mtime_ns
+    comfy.post("/free", {"free_memory": True})  # as a restart: every node runs again
+    time.sleep(1.0)
+    report = "\n".join(texts(comfy.run(graph)))
+    assert "already complete" in report and f"{path} already holds this full" in report, report
+    assert path.stat().st_mtime_ns == mtime
+    graph["t"]["inputs"]["steps"] = 2
+    entry = comfy.wait(comfy.submit(graph), 300)
+    assert entry["status"]["status_str"] == "error" and f"{path} already exists; turn on 'overwrite'" in error_of(entry), error_of(entry)
+    assert path.stat().st_mtime_ns == mtime
+
+
 def test_one_step_sampling_wan22_a14b_experts(comfy):
     # each A14B expert is its own WAN21 t2v file: the high-noise one (G's and by default D's init) samples in one
     # step, and the low-noise one loads as a MODEL too; the two stand-ins have other random weights
