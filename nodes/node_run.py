@@ -21,15 +21,25 @@ import torch
 log = logging.getLogger(__name__)
 
 STOP_REASON = "Stop pressed in ComfyUI"
+# what a run folder holds (the runner's files, the node's run inputs); other files mean it is not one
+RUN_FILES = {"config.toml", "checkpoints", "metrics.jsonl", "samples", "export", "tb", "run.lock",
+             "val_prompts.safetensors", "negative.safetensors", "node_inputs.json", "state.json"}
 OLD_STATE = "state.json"  # the run state of ComfyUI-APT's earlier node-only loop
 
 
 def check_start(run_dir: Path, resume: bool) -> None:
-    """Before a run: refuse to start over silently (resume off on a folder with checkpoints) and a folder
-    of the earlier node-only format. Nothing in the folder is deleted."""
+    """Before a run: refuse a folder that is not a run's (other files in it: e.g. an absolute run_name naming
+    a home folder), to start over silently (resume off on a folder with checkpoints) and a folder of the
+    earlier node-only format. Nothing in the folder is deleted."""
     from training.checkpoint import find_latest
 
     latest = find_latest(run_dir)
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES) if run_dir.is_dir() else []
+    if foreign and not any((run_dir / name).exists() for name in ("config.toml", "checkpoints", INPUTS_FILE, OLD_STATE)):
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"run_name: {run_dir} is a folder with other files in it ({shown}), not a run folder; a run "
+                         "would write its checkpoints, exports and samples among them. Give a run_name that is new or "
+                         "a run's folder (a plain name goes under output/apt/runs)")
     if latest is None and (run_dir / OLD_STATE).is_file():
         raise ValueError(f"run folder {run_dir} holds a run state of an earlier ComfyUI-APT version ({OLD_STATE}), which "
                          "this version cannot resume; choose another run_name (the folder is left as it is)")

@@ -221,6 +221,17 @@ def test_start_checks_protect_the_folder(tmp_path):
         with pytest.raises(ValueError, match=f"run folder {old} holds a run state of an earlier ComfyUI-APT version"):
             check_start(old, resume)
     assert (old / "state.json").is_file()
+    home = tmp_path / "home"  # an absolute run_name naming a folder of other files: not sprayed with a run's files
+    (home / "photos").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    for resume in (True, False):
+        with pytest.raises(ValueError, match=f"run_name: {home} is a folder with other files in it .notes.txt, photos., not a run folder"):
+            check_start(home, resume)
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt", "photos"]
+    fresh = tmp_path / "fresh"  # a new folder, or one a run started (its files only), is fine
+    (fresh / "samples").mkdir(parents=True)
+    (fresh / "val_prompts.safetensors").write_bytes(b"")
+    check_start(fresh, resume=False)
     with pytest.raises(FileNotFoundError, match="apt_generator.safetensors is missing"):
         export_weights(tmp_path / "none", "apt", 0)
     assert validation_latents(tmp_path / "none") is None
