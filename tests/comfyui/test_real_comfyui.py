@@ -441,7 +441,10 @@ def test_requeue_after_a_cache_reset_saves_without_an_error(comfy, dataset):
     assert "saved full" in "\n".join(texts(comfy.run(graph)))
     path = comfy.dir / "models" / "diffusion_models" / "apt_test" / RUN / "requeue.safetensors"
     mtime = path.stat().st_mtime_ns
-    comfy.post("/free", {"free_memory": True})  # as a restart: every node runs again
+    # as a restart: every node runs again. ComfyUI's worker takes the flag when it wakes in its queue wait (a
+    # flag set while it is still finishing the last prompt waits for the next one): let it get there first
+    time.sleep(2.0)
+    comfy.post("/free", {"free_memory": True})
     time.sleep(1.0)
     report = "\n".join(texts(comfy.run(graph)))
     assert "already complete" in report and f"{path} already holds this full" in report, report
