@@ -232,6 +232,12 @@ def test_stop_ends_training_within_a_step_and_leaves_the_model_untouched(comfy, 
     report = "\n".join(texts(comfy.run(graph)))
     assert f"APT: {step + 2} steps" in report
     assert [r["step"] for r in metric_rows(run)][-3:] == [step, step + 1, step + 2]
+    # the stopped and resumed run ends with the weights of an uninterrupted one
+    graph["t"]["inputs"].update(run_name=f"{RUN}-nostop", resume=False)
+    comfy.run(graph)
+    a, b = (load_file(str(comfy.output / "apt" / "runs" / name / "export" / "apt_generator_lora.safetensors"))
+            for name in (f"{RUN}-stop", f"{RUN}-nostop"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("case, expect", [
