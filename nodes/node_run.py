@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import shlex
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -248,10 +250,35 @@ def progress_and_stop(total: int) -> tuple[Callable[[int, int, dict], None], Any
     return on_step, stop
 
 
+@contextmanager
+def watching(interrupted: Callable[[], bool], stop: Any, interval_s: float = 0.2) -> Iterator[threading.Thread]:
+    """While the block runs, a daemon thread polls `interrupted()` (ComfyUI's Stop flag) every `interval_s` and
+    asks `stop` to stop once it is set: a Stop pressed while the runner builds its models or loads a checkpoint
+    (minutes on a large model) ends the run before its first step, not after it."""
+    done = threading.Event()
+
+    def poll() -> None:
+        while True:
+            if interrupted():
+                stop.request(STOP_REASON)
+                return
+            if done.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=poll, daemon=True, name="apt-stop-watch")
+    thread.start()
+    try:
+        yield thread
+    finally:
+        done.set()
+        thread.join()
+
+
 def run(cfg: Any, models: Any, title: str) -> tuple[dict | None, bool]:
     """Run the config with the runner inside ComfyUI: (result, complete). complete: the run folder already
     held the finished run (re-queued with resume on): nothing trained, the outputs come from its folder.
-    Stop: the runner saves a checkpoint, then ComfyUI's InterruptProcessingException is raised."""
+    Stop (watched from the start: also during setup): the runner saves a checkpoint of the step it ended (none
+    if it ended before its first step), then ComfyUI's InterruptProcessingException is raised."""
     import comfy.model_management as mm
 
     from training.config import ConfigError
@@ -265,7 +292,7 @@ def run(cfg: Any, models: Any, title: str) -> tuple[dict | None, bool]:
     on_step, stop = progress_and_stop(total)
     log.info("APT %s: training to step %d (run folder: %s)", cfg.run.stage, total, cfg.run.dir)
     try:
-        with training_mode():
+        with training_mode(), watching(mm.processing_interrupted, stop):
             result = train(cfg, models=models, on_step=on_step, stop=stop)
     except RunComplete:
         log.info("%s: %s is complete; outputting its export", title, cfg.run.dir)

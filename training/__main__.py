@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy(barrier=ok)  # no barrier after an error: the other ranks may never reach it
     if result.get("stopped"):
-        log.info("stopped (%s) at step %d, checkpoint saved; rerun the same command to resume (exit code %d)",
-                 result["stopped"], result["step"], EXIT_STOPPED)
+        saved = f"checkpoint {result['checkpoint']}" if result.get("checkpoint") else "no checkpoint yet"
+        log.info("stopped (%s) at step %d, %s; rerun the same command to resume (exit code %d)",
+                 result["stopped"], result["step"], saved, EXIT_STOPPED)
         return EXIT_STOPPED
     if result.get("export"):
         log.info("exported %s", result["export"])

@@ -136,7 +136,8 @@ def train(cfg: RunConfig, resume: bool | str = False, export_only: bool = False,
     source the run is recorded as model.source = 'caller' with its [model.arch], so that its checkpoints
     resume without the caller. `on_step(step, total, metrics)`: called on every rank after each optimiser
     step with this rank's metrics as floats. `stop`: a StopRequest the caller owns; after `stop.request(reason)`
-    the run saves a checkpoint after the current step and returns with result["stopped"] = reason.
+    the run saves a checkpoint after the current step and returns with result["stopped"] = reason; a stop asked
+    for during setup (building the models, loading the checkpoint) returns before the first step, with no new checkpoint.
     Works from any thread (signal handlers are installed only in the main thread) and more than once per process.
 
     Raises ConfigError (before any model is built) for a path that does not open, and RunComplete
@@ -277,6 +278,15 @@ def _train(cfg: RunConfig, world: D.World, stop: StopRequest, resume: bool | str
             logger.event(step, "warning", IMAGE_LATENT_FALLBACK, phase=phase.name, data=str(phase.data))
             said_fallback = True
         validator = make_validator(cfg, world, dataset, run_dir)
+        if step < phase.end:  # a stop asked for during setup (models, checkpoint): no step is trained
+            reason = stop.agreed(world)  # collective: every rank reaches it at the same point
+            if reason:
+                where = ckpt.latest()
+                logger.event(step, "stopped", f"{reason}: stopped before step {step + 1}, nothing trained"
+                             + (f"; the run resumes from {where}" if where else "; the run starts afresh when run again"),
+                             reason=reason, checkpoint=str(where) if where else None)
+                result["stopped"] = reason
+                break
         batches = _batches(loader, world.device)
         logger.restart_clock(step)
         first_step = step

@@ -8,6 +8,8 @@ import json
 import shlex
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from apt_core.models.io import save_wan
 from apt_core.models.wan import get_config
 from bench.trainer_scaling import write_synthetic_shards
 from nodes.node_run import (
+    STOP_REASON,
     check_inputs,
     check_start,
     export_weights,
@@ -27,6 +30,7 @@ from nodes.node_run import (
     in_node_terms,
     report,
     validation_latents,
+    watching,
     write_tensors,
 )
 from nodes.run_config import node_run_config, widget_defaults
@@ -137,6 +141,30 @@ def test_the_nodes_settings_give_the_same_losses_headless(env, files, tmp_path):
     a, b = losses(node), losses(headless)
     assert len(a) == 2 and [s for s, *_ in a] == [s for s, *_ in b]
     np.testing.assert_allclose(np.array(b)[:, 1:], np.array(a)[:, 1:], rtol=1e-5, atol=1e-7)
+
+
+def test_stop_pressed_while_the_runner_builds_its_models_ends_the_run_before_a_step(env, files, tmp_path):
+    """The node watches ComfyUI's Stop flag from the start (nodes.node_run.watching): a Stop pressed during setup
+    (here: while G's weights are read, as effective_state_dict does on a large model) trains no step."""
+    folder = tmp_path / "run"
+    pressed = threading.Event()
+    stop = StopRequest()
+
+    def weights() -> dict[str, torch.Tensor]:
+        pressed.set()  # Stop pressed
+        time.sleep(1.0)  # setup goes on for a while (minutes on a real model)
+        assert stop.reason == STOP_REASON  # seen during setup, not after a step
+        return dict(files["sd"])
+
+    with watching(pressed.is_set, stop, interval_s=0.05) as watcher:
+        result = train(apt_config(files, folder, steps=3), models=MemorySource(TINY, weights), stop=stop)
+    assert not watcher.is_alive()
+    assert result["stopped"] == STOP_REASON and result["step"] == 0 and losses(folder) == []
+    assert result["checkpoint"] is None and not list(folder.glob("checkpoints/step-*"))
+    calm = StopRequest()
+    with watching(lambda: False, calm, interval_s=0.05) as watcher:  # no Stop: the run trains; the watcher ends with it
+        done = train(apt_config(files, folder, steps=1), models=MemorySource(TINY, lambda: dict(files["sd"])), stop=calm)
+    assert not watcher.is_alive() and calm.reason is None and done["step"] == 1 and not done["stopped"]
 
 
 def test_a_changed_lora_rank_is_refused_in_the_nodes_words(env, files, tmp_path):

@@ -134,6 +134,47 @@ def test_on_step_and_a_stop_from_it_save_a_checkpoint_and_the_next_call_resumes(
     assert Path(second["export"]["model"]).is_file()
 
 
+def test_a_stop_asked_for_during_setup_ends_the_run_before_its_first_step(monkeypatch, files, tmp_path):
+    """Stop while the runner builds its models (a node's Stop during minutes of setup on a large model): it
+    returns stopped at the resume step without training a step or writing a checkpoint; the next call trains."""
+    cfg = _cfg(tmp_path, f"--data.path={files['data']}", "--model.source=caller", "--apt.image.steps=2",
+               "--apt.video.steps=0", "--checkpoint.every=2", "--export.final=true")
+    stop = StopRequest()
+
+    def weights_then_stop() -> dict[str, torch.Tensor]:
+        stop.request("Stop button")  # pressed while G's weights are read
+        return dict(files["sd"])
+
+    steps: list[int] = []
+    fresh = _run(monkeypatch, cfg, models=MemorySource(get_config("tiny"), weights_then_stop), stop=stop,
+                 on_step=lambda step, total, m: steps.append(step))
+    assert fresh["stopped"] == "Stop button" and fresh["step"] == 0 and steps == []
+    assert fresh["checkpoint"] is None and not list(tmp_path.glob("checkpoints/step-*")) and "export" not in fresh
+    events = [json.loads(x) for x in Path(fresh["metrics_file"]).read_text().splitlines()]
+    (ev,) = [e for e in events if e.get("event") == "stopped"]
+    assert ev["step"] == 0 and ev["reason"] == "Stop button" and ev["checkpoint"] is None
+    done = _run(monkeypatch, cfg, models=MemorySource(get_config("tiny"), lambda: dict(files["sd"])),
+                on_step=lambda step, total, m: steps.append(step))  # the run lock was released
+    assert done["stopped"] is None and steps == [1, 2] and done["step"] == 2
+    # resumed with more steps, the stop already asked for: nothing trained, no checkpoint beside step-2
+    more = _cfg(tmp_path, f"--data.path={files['data']}", "--model.source=caller", "--apt.image.steps=4",
+                "--apt.video.steps=0", "--checkpoint.every=2", "--export.final=true", "--export.overwrite=true")
+    stop = StopRequest()
+    stop.request("Stop button")
+    steps.clear()
+    resumed = _run(monkeypatch, more, models=MemorySource(get_config("tiny"), lambda: dict(files["sd"])), stop=stop,
+                   on_step=lambda step, total, m: steps.append(step))
+    assert resumed["stopped"] == "Stop button" and resumed["step"] == 2 and steps == []
+    assert resumed["resumed_from"] == resumed["checkpoint"] == str(tmp_path / "checkpoints/step-2")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+    rows = [r["step"] for r in read_metrics(resumed["metrics_file"])]
+    assert rows == [1, 2]
+    final = _run(monkeypatch, more, models=MemorySource(get_config("tiny"), lambda: dict(files["sd"])),
+                 on_step=lambda step, total, m: steps.append(step))
+    assert final["stopped"] is None and steps == [3, 4] and final["resumed_from"] == str(tmp_path / "checkpoints/step-2")
+    assert Path(final["export"]["model"]).is_file()
+
+
 def _caller_run(monkeypatch, tmp_path: Path, files) -> Path:
     """A run started in-process on the ODD architecture from memory, stopped at step 2 of 2 + 2."""
     run_dir = tmp_path / "run"
