@@ -240,6 +240,30 @@ def test_stop_ends_training_within_a_step_and_leaves_the_model_untouched(comfy, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stop_during_setup_ends_the_run_before_its_first_step(comfy, dataset):
+    """Stop pressed while APT Train's runner reads the generator's weights (setup; minutes on a large model):
+    the node sees it then and the run ends before step 1, with no checkpoint, as interrupted."""
+    graph = {
+        "b": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_WAN, "weight_dtype": "default"}},
+        "m": {"class_type": "APTTestStopDuringSetup", "inputs": {"model": ["b", 0], "seconds": 1.0}},
+        "d": {"class_type": "APTLoadDataset", "inputs": {"path": f"apt/datasets/{RUN}"}},
+        "D": {"class_type": "APTDiscriminator", "inputs": {"model": ["b", 0], "mode": "frozen", "head_layers": "auto", "lora_rank": 2}},
+        "t": {"class_type": "APTTrain", "inputs": {**api_twin("apt_train_single_gpu")["9"]["inputs"], "generator": ["m", 0],
+                                                   "discriminator": ["D", 0], "dataset": ["d", 0], "steps": 3, "val_every": 0,
+                                                   "lora_rank": 4, "precision": "fp32", "run_name": f"{RUN}-setup-stop",
+                                                   "resume": False}},
+        "p": {"class_type": "PreviewAny", "inputs": {"source": ["t", 3]}},
+    }
+    for k in ("val_conditioning", "val_latent"):
+        graph["t"]["inputs"].pop(k)
+    run = comfy.output / "apt" / "runs" / f"{RUN}-setup-stop"
+    entry = comfy.wait(comfy.submit(graph), 300)
+    assert entry["status"]["status_str"] == "error" and error_of(entry).startswith("interrupted"), error_of(entry)
+    (stopped,) = [e for e in lines(run) if e.get("event") == "stopped"]
+    assert stopped["reason"] == STOP_REASON and stopped["step"] == 0 and stopped["checkpoint"] is None
+    assert metric_rows(run) == [] and find_latest(run) is None
+
+
 @pytest.mark.parametrize("case, expect", [
     ("i2v", "supported by the APT One-Step Sampler and the headless trainer"),
     ("latent", "not divisible by the patch size"),

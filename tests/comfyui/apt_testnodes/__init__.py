@@ -161,9 +161,46 @@ class APTTestStandInClipVisionOutput:
         return (out,)
 
 
+class APTTestStopDuringSetup:
+    """A MODEL whose effective weights press Stop: a no-op weight patch on one FFN weight (not one that
+    nodes.comfy_backbone.weights_fingerprint reads) that sets ComfyUI's interrupt flag when a training node's
+    runner reads the weights (its setup), then takes `seconds` more, as setup on a large model goes on."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 60.0})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing/apt"
+
+    def patch(self, model, seconds):
+        import time
+
+        import comfy.model_management as mm
+        from comfy.weight_adapter.base import WeightAdapterBase
+
+        class PressStop(WeightAdapterBase):
+            name = "apt_test_press_stop"
+
+            def __init__(self):
+                self.loaded_keys, self.weights = set(), []
+
+            def calculate_weight(self, weight, key, *args, **kwargs):
+                mm.interrupt_current_processing(True)
+                time.sleep(seconds)
+                return weight
+
+        out = model.clone()
+        assert out.add_patches({"diffusion_model.blocks.0.ffn.0.weight": PressStop()}), "no blocks.0.ffn.0.weight"
+        return (out,)
+
+
 NODE_CLASS_MAPPINGS = {"APTTestStandInCLIP": APTTestStandInCLIP, "APTTestAdapterCheck": APTTestAdapterCheck,
-                       "APTTestStandInClipVisionOutput": APTTestStandInClipVisionOutput, "APTTestI2VCheck": APTTestI2VCheck}
+                       "APTTestStandInClipVisionOutput": APTTestStandInClipVisionOutput, "APTTestI2VCheck": APTTestI2VCheck,
+                       "APTTestStopDuringSetup": APTTestStopDuringSetup}
 NODE_DISPLAY_NAME_MAPPINGS = {"APTTestStandInCLIP": "Test: stand-in Wan text encoder (CLIP)",
                               "APTTestStandInClipVisionOutput": "Test: stand-in CLIP vision output (ViT-H/14 shape)",
                               "APTTestAdapterCheck": "Test: APT adapter check (ComfyUI model vs apt_core copy)",
-                              "APTTestI2VCheck": "Test: APT I2V one-step (ComfyUI vs apt_core)"}
+                              "APTTestI2VCheck": "Test: APT I2V one-step (ComfyUI vs apt_core)",
+                              "APTTestStopDuringSetup": "Test: MODEL whose weights press Stop when read"}
