@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from nodes.node_run import (
 )
 from nodes.run_config import node_run_config, widget_defaults
 from nodes.train import APTConsistencyDistill, APTTrain
+from tests.single_process import single_process_env
 from training.config import load_config
 from training.distributed import destroy
 from training.loop import ResumeMismatch, RunComplete, train
@@ -59,11 +59,7 @@ def files(tmp_path_factory):
 @pytest.fixture
 def env(monkeypatch):
     """A 1-process group on a free port, as ComfyUI's process gets on the first run; torn down after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
+    single_process_env(monkeypatch)
     yield
     destroy()
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from bench.trainer_scaling import write_synthetic_shards
+from tests.single_process import single_process_env
 from training.checkpoint import (
     COMPLETE,
     CheckpointManager,
@@ -172,13 +173,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(data, tmp_path):
 
 @pytest.fixture
 def world(monkeypatch):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
+    single_process_env(monkeypatch)
     w = init_distributed("cpu", "gloo")
     yield w
     destroy()

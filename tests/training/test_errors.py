@@ -18,7 +18,7 @@ from apt_core.backbone import build_flow_model
 from apt_core.lora import inject_lora
 from apt_core.models.io import save_wan
 from bench.trainer_scaling import write_synthetic_shards
-from tests.training.single_process import single_process_env
+from tests.single_process import single_process_env
 from training.__main__ import main
 from training.checkpoint import verify
 from training.config import ConfigError, load_config

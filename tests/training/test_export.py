@@ -4,7 +4,6 @@ identical outputs, and LoRA adapters in ComfyUI-native keys (1-process FSDP2 gro
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from apt_core.backbone import WanCond, build_flow_model
 from apt_core.lora import DEFAULT_TARGETS, load_lora_state_dict
 from apt_core.models.io import load_wan, save_wan
 from bench.trainer_scaling import write_synthetic_shards
+from tests.single_process import single_process_env
 from training.config import load_config
 from training.data import BucketedLoader, ShardDataset
 from training.distributed import destroy, init_distributed
@@ -26,11 +26,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def world(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
+    single_process_env(monkeypatch)
     w = init_distributed("cpu", "gloo")
     yield w
     destroy()

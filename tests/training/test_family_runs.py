@@ -17,7 +17,7 @@ from apt_core.backbone import build_flow_model
 from apt_core.models.io import load_state_dict_file, load_wan, save_wan
 from apt_core.models.wan import get_config
 from bench.trainer_scaling import write_synthetic_shards
-from tests.training.single_process import single_process_env
+from tests.single_process import single_process_env
 from training.config import ConfigError, load_config
 from training.data import ShardDataset, collate
 from training.distributed import destroy, init_distributed

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from apt_core.shards import BadSample, ShardWriter
 from bench.trainer_scaling import write_synthetic_shards
-from tests.training.single_process import single_process_env
+from tests.single_process import single_process_env
 from training.checkpoint import COMPLETE, CheckpointManager, ModelOptimState
 from training.config import load_config
 from training.distributed import destroy, init_distributed

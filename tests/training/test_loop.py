@@ -24,7 +24,7 @@ from apt_core.models.io import load_state_dict_file, save_wan
 from apt_core.sfv import SFVDiscriminator
 from apt_core.shards import ShardWriter
 from bench.trainer_scaling import write_synthetic_shards
-from tests.training.single_process import single_process_env
+from tests.single_process import single_process_env
 from training.config import load_config
 from training.data import BucketedLoader, ShardDataset
 from training.distributed import World, destroy, init_distributed

@@ -9,7 +9,6 @@ import fcntl
 import json
 import os
 import pty
-import socket
 import struct
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bench.trainer_scaling import write_synthetic_shards
+from tests.single_process import single_process_env
 from training.config import load_config, tomllib
 from training.distributed import destroy
 from training.loop import train
@@ -31,11 +31,7 @@ def run(monkeypatch, tmp_path_factory):
     data = write_synthetic_shards(tmp_path_factory.mktemp("shards") / "tiny", num=8)
 
     def go(run_dir: Path, *overrides: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-            monkeypatch.setenv(k, v)
+        single_process_env(monkeypatch)
         cfg = load_config(ROOT / "configs/tiny_cpu.toml", [f"--run.dir={run_dir}", f"--data.path={data}",
                                                            "--monitor.val_every=0", *overrides])
         try:

@@ -25,7 +25,7 @@ from apt_core.lora import inject_lora
 from apt_core.models.io import save_wan
 from apt_core.models.wan import WanConfig, get_config
 from bench.trainer_scaling import write_synthetic_shards
-from tests.training.single_process import single_process_env
+from tests.single_process import single_process_env
 from training.config import ConfigError, load_config, set_arch
 from training.distributed import destroy
 from training.loop import train
